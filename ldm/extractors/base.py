@@ -1,0 +1,115 @@
+"""The feature-extractor interface: what the decoder needs to know about a target model.
+
+An extractor maps images to one feature vector per image. It knows nothing about diffusion or
+guidance. Subclasses set the preprocessing constants and implement `encode`; everything else
+(the target transform and the differentiable "virtual save" of generated images) is shared.
+"""
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+
+class TextTargetNotSupported(ValueError):
+    pass
+
+
+def round_straight_through(x: torch.Tensor) -> torch.Tensor:
+    """Forward value round(x), gradient of the identity."""
+    return x + (torch.round(x) - x).detach()
+
+
+class FeatureExtractor(nn.Module):
+    """Base class. Subclasses set `name`, `input_size`, `mean`, `std` and implement `encode`.
+
+    - `input_size`: side of the square image the model sees (224 for ResNet-50, 518 for ViT-H/14).
+    - `antialias`: whether the bicubic resize of generated images is antialiased. The reference
+      left it to the torchvision default (off up to 0.16, on from 0.17); we choose explicitly.
+    - `log_cosine`: the log lines of this extractor carry the cosine similarity (CLIP scripts).
+    """
+
+    name: str = "extractor"
+    input_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    antialias: bool = True
+    log_cosine: bool = False
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B, 3, S, S] → features [B, D]."""
+        raise NotImplementedError
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        raise TextTargetNotSupported(
+            f"{self.name} only supports image targets: give --prompt a path to an image "
+            "(text prompts need a text tower, e.g. scripts/clip_guided2.py)")
+
+    @classmethod
+    def supports_text(cls) -> bool:
+        return cls.encode_text is not FeatureExtractor.encode_text
+
+    def freeze(self) -> "FeatureExtractor":
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: batch-norm statistics and dropout stay in eval mode
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- targets ------------------------------------------------------------------------------
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """PIL target → [1, 3, S, S]: resize the shorter side to S (bicubic), centre crop,
+        RGB, to tensor, normalise (the reference's target transform)."""
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = TF.resize(image, self.input_size, interpolation=InterpolationMode.BICUBIC)
+        image = TF.center_crop(image, self.input_size)
+        x = TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return x.unsqueeze(0)
+
+    @torch.no_grad()
+    def image_features(self, image: Image.Image) -> torch.Tensor:
+        return self.encode(self.preprocess_image(image).to(self.device)).float()
+
+    # --- generated images (differentiable) -----------------------------------------------------
+    def virtual_save(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] → normalised model input, imitating saving to 8-bit and reloading:
+        ×255, round, bicubic resize to S, round, /255, normalise. Rounding is straight-through,
+        and, as in the reference, values are not clamped to [0, 255]."""
+        x = round_straight_through((images + 1) / 2 * 255)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = TF.resize(x, [self.input_size, self.input_size],
+                          interpolation=InterpolationMode.BICUBIC, antialias=self.antialias)
+        x = round_straight_through(x) / 255
+        return TF.normalize(x, self.mean, self.std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Generated images in [-1, 1] → float32 features [B, D]."""
+        return self.encode(self.virtual_save(images)).float()
+
+
+def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """‖a‖² + ‖b‖² − 2a·b per row, in float32 (the reference's expanded form, no square root)."""
+    a, b = a.float(), b.float()
+    return (a * a).sum(-1) + (b * b).sum(-1) - 2 * (a * b).sum(-1)
+
+
+class FeatureDistance(nn.Module):
+    """Squared Euclidean distance between an extractor's features of generated images and
+    fixed target features (one row per image in the batch)."""
+
+    def __init__(self, extractor: FeatureExtractor, target: torch.Tensor):
+        super().__init__()
+        self.extractor = extractor
+        self.register_buffer("target", target.detach().float())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ (squared distance [B], cosine similarity [B]); differentiable in the distance."""
+        features = self.extractor(images)
+        target = self.target.expand(features.shape[0], -1)
+        cosine = F.cosine_similarity(features.detach(), target, dim=-1)
+        return squared_distance(features, target), cosine
