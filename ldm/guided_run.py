@@ -43,7 +43,7 @@ class UsageError(Exception):
 def build_parser(description: str, defaults: dict | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", type=str, default="data/bansal/og_img_0.png",
+    p.add_argument("--prompt", type=str, default="data/examples/chelsea.jpg",
                    help="target: a path to an image, or a text prompt (text needs a text tower, e.g. CLIP)")
     p.add_argument("--H", type=int, default=512, help="image height in pixels")
     p.add_argument("--W", type=int, default=512, help="image width in pixels")

@@ -1,0 +1,18 @@
+"""Shared fixtures: absolute paths of the shipped model configs (tests may run from any cwd)."""
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def sd_v1_config_path() -> Path:
+    """The Stable Diffusion v1 inference config."""
+    return REPO_ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path() -> Path:
+    """Same classes and key layout as SD v1, small widths (fast on CPU)."""
+    return REPO_ROOT / "configs" / "tiny" / "sd-v1-tiny.yaml"
