@@ -1,0 +1,197 @@
+"""Each per-model script end to end through its command line, with tiny stand-in weights:
+a tiny SD-v1-shaped model (20 timesteps) and random-weight target models."""
+import json
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from ldm.extractors import ClipRN50Extractor, ResNet50Extractor, VitH14Extractor
+from tiny_models import tiny_config, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+T = 20
+LINE = re.compile(r"^(\d+)th timestep, (\d+(?:\.\d+)?)th self-recurrence -> xy_dists:(\S+?)(?:, xy_cossim:(\S+))?$")
+
+
+@pytest.fixture(scope="module")
+def sd_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd")
+    OmegaConf.save(tiny_config(T), folder / "tiny.yaml")
+    # A Lightning-shaped checkpoint with SD v1's harmless extras.
+    state_dict = dict(tiny_model(T).state_dict())
+    state_dict["model_ema.decay"] = torch.tensor(0.9999)
+    state_dict["model_ema.num_updates"] = torch.tensor(0)
+    torch.save({"state_dict": state_dict, "global_step": 470000}, folder / "tiny.ckpt")
+    return folder / "tiny.yaml", folder / "tiny.ckpt"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Random-weight files in each library's layout."""
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    save_file(ResNet50Extractor.architecture().state_dict(), str(folder / "resnet50.safetensors"))
+    save_file(ClipRN50Extractor.architecture().state_dict(), str(folder / "rn50.safetensors"))
+    return folder
+
+
+def run_script(script, args, capsys):
+    """Run scripts/<script> in this process as `python scripts/<script> args`; → (code, out, err)."""
+    argv = sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        runpy.run_path(str(REPO / "scripts" / script), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def common(sd_files, folder, *extra):
+    config, ckpt = sd_files
+    return ["--config", config, "--ckpt", ckpt, "--H", 16, "--W", 16, "--device", "cpu",
+            "--optim_folder", folder, "--no_progress", "--optim_forward_guidance",
+            "--optim_forward_guidance_wt", 4, "--optim_grad_clip_threshold", 3.0,
+            "--optim_num_steps", 2, 1, "--optim_early_emp_end", T - 2, *extra]
+
+
+def check_outputs(folder: Path, with_cosine: bool, printed: bool = True):
+    files = {p.name for p in folder.iterdir()}
+    assert {"log.txt", "out_img.png", "metrics.json"} <= files
+    best = [f for f in files if f.startswith("out_img_best_t_")]
+    assert len(best) == 1 and re.fullmatch(r"out_img_best_t_\d+_rec_\d+(\.5)?_bk_-1_sim_-\d+\.\d{6}\.png", best[0])
+    if printed:  # every 10 timesteps (and the first one for the pre-guidance image)
+        assert {f"original_guidance_{i}_0.png" for i in (19, 10, 0)} <= files
+        assert {f"guidance_3_{i}_0.png" for i in (10, 0)} <= files
+        assert "guidance_3_19_0.png" not in files
+    lines = (folder / "log.txt").read_text().splitlines()
+    scored = [LINE.match(line) for line in lines if "self-recurrence ->" in line]
+    assert scored and all(scored), "every score line parses"
+    assert len(scored) == 2 * (2 * 2 + (T - 2) * 1)       # before and after guidance
+    assert all((m.group(4) is not None) == with_cosine for m in scored)
+    assert any(line.startswith("!!! Found a better image (-inf -> ") for line in lines)
+    final = [line for line in lines if line.startswith("-1th timestep (FINAL) -> xy_dists:")]
+    assert len(final) == 1
+    assert re.match(r"Elapsed time = [\d.]+ sec", lines[-2]) and lines[-1].startswith("Run options: Namespace(")
+
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["finished"] is True and metrics["iterations"] == 2 * 2 + (T - 2)
+    assert metrics["best"]["file"] == best[0]
+    assert metrics["best"]["squared_distance"] <= metrics["final"]["squared_distance"] + 1e-5
+    final_dist = float(final[0].split("xy_dists:")[1].split(",")[0])
+    assert metrics["final"]["squared_distance"] == pytest.approx(final_dist)
+    for key in ("final", "best"):
+        assert -1 <= metrics[key]["cosine"] <= 1
+        assert set(metrics[key]["reloaded_png"]) == {"squared_distance", "cosine"}
+    assert metrics["seed"] == 42 and metrics["versions"]["torch"] == torch.__version__
+    return metrics
+
+
+def test_resnet50_script(sd_files, weights, tmp_path, capsys):
+    folder = tmp_path / "nested" / "out"        # parents are created
+    code, out, err = run_script("resnet50_guided.py", common(
+        sd_files, folder, "--optim_print", "--prompt", REPO / "data/examples/chelsea.jpg",
+        "--extractor_weights", weights / "resnet50.safetensors"), capsys)
+    assert code == 0, err
+    metrics = check_outputs(folder, with_cosine=False)
+    assert metrics["extractor"] == "resnet50" and metrics["feature_dim"] == 2048
+    assert "final: squared distance" in out
+
+
+def test_clip_scripts_image_and_text(sd_files, weights, tmp_path, capsys):
+    clip_weights = ["--extractor_weights", weights / "rn50.safetensors"]
+    code, _, err = run_script("clip_guided.py", common(
+        sd_files, tmp_path / "img", "--prompt", REPO / "data/examples/coffee.jpg", *clip_weights), capsys)
+    assert code == 0, err
+    check_outputs(tmp_path / "img", with_cosine=True, printed=False)
+
+    code, _, err = run_script("clip_guided.py", common(
+        sd_files, tmp_path / "txt", "--prompt", "a red car", *clip_weights), capsys)
+    assert code == 0, err
+    metrics = check_outputs(tmp_path / "txt", with_cosine=True, printed=False)
+    assert metrics["target"] == {"kind": "text", "source": "a red car"}
+
+    # clip_guided2.py reads --prompt as text even when it names an existing file.
+    code, _, err = run_script("clip_guided2.py", common(
+        sd_files, tmp_path / "txt2", "--prompt", "data/examples/coffee.jpg", *clip_weights), capsys)
+    assert code == 0, err
+    metrics = check_outputs(tmp_path / "txt2", with_cosine=True, printed=False)
+    assert metrics["target"]["kind"] == "text" and metrics["feature_dim"] == 1024
+
+
+def test_vith14_script_with_a_small_vit(sd_files, tmp_path, capsys, monkeypatch):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    def small_vit():
+        return VisionTransformer(image_size=518, patch_size=14, num_layers=1, num_heads=2,
+                                 hidden_dim=32, mlp_dim=64)
+
+    monkeypatch.setattr(VitH14Extractor, "architecture", classmethod(lambda cls: small_vit()))
+    torch.save(small_vit().state_dict(), tmp_path / "vit.pth")
+    code, _, err = run_script("vith14_guided.py", common(
+        sd_files, tmp_path / "out", "--prompt", REPO / "data/examples/astronaut.jpg",
+        "--extractor_weights", tmp_path / "vit.pth"), capsys)
+    assert code == 0, err
+    assert check_outputs(tmp_path / "out", with_cosine=False, printed=False)["extractor"] == "vit_h_14"
+
+
+def test_readme_example_adds_a_model(sd_files, tmp_path, capsys):
+    """The README's "Adding a model" script, copied verbatim, runs with every flag."""
+    from torchvision.models import convnext_tiny
+
+    readme = (REPO / "README.md").read_text()
+    code = re.search(r"```python\n(# scripts/convnext_guided.py\n.*?)```", readme, re.S).group(1)
+    script = REPO / "scripts" / "_test_readme_convnext_guided.py"
+    script.write_text(code)
+    torch.save(convnext_tiny().state_dict(), tmp_path / "convnext.pth")
+    try:
+        code, _, err = run_script(script.name, common(
+            sd_files, tmp_path / "out", "--prompt", REPO / "data/examples/rocket.jpg",
+            "--extractor_weights", tmp_path / "convnext.pth"), capsys)
+    finally:
+        script.unlink()
+    assert code == 0, err
+    metrics = check_outputs(tmp_path / "out", with_cosine=False, printed=False)
+    assert metrics["extractor"] == "convnext_tiny" and metrics["feature_dim"] == 768
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "a photo of a dog"], "supports image targets only"),
+    (["--prompt", "data/missing_image.PNG"], "looks like an image path, but no such file exists"),
+    (["--prompt", "README.md"], "is not a readable image"),
+    (["--H", "17"], "--H 17 must be a positive multiple of 2"),
+    (["--optim_num_steps", "0"], "--optim_num_steps needs positive integers"),
+    (["--optim_early_emp_end", "1001"], "must be in [-1, 1000]"),
+    (["--device", "cuda:7"], "--device 'cuda:7' is not available"),
+    (["--ckpt", "models/nowhere.ckpt"], "models/ldm/stable-diffusion/sd-v1-4.ckpt"),
+])
+def test_bad_input_gets_a_clear_error(sd_files, weights, tmp_path, capsys, args, message):
+    code, _, err = run_script("resnet50_guided.py", [
+        *common(sd_files, tmp_path / "out", "--prompt", REPO / "data/examples/chelsea.jpg",
+                "--extractor_weights", weights / "resnet50.safetensors"), *args], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_finished_run_is_not_overwritten(sd_files, weights, tmp_path, capsys):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "metrics.json").write_text("{}")
+    args = common(sd_files, folder, "--prompt", REPO / "data/examples/chelsea.jpg",
+                  "--extractor_weights", weights / "resnet50.safetensors", "--optim_num_steps", 1)
+    code, _, err = run_script("resnet50_guided.py", args, capsys)
+    assert code == 2 and "already holds a finished run" in err
+    assert (folder / "metrics.json").read_text() == "{}"
+    code, _, err = run_script("resnet50_guided.py", [*args, "--overwrite"], capsys)
+    assert code == 0, err
+    assert json.loads((folder / "metrics.json").read_text())["finished"] is True
