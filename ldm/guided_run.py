@@ -73,6 +73,9 @@ def build_parser(description: str, defaults: dict | None = None) -> argparse.Arg
                    help="backward guidance starts once the moving-average distance is below this")
     g.add_argument("--optim_sim_queue_size", type=int, default=80, help="length of that moving average")
     g.add_argument("--optim_select_prev", action="store_true", help="keep the best z_{t-1} candidate")
+    g.add_argument("--optim_timesteps", type=int, default=None,
+                   help="respaced schedule: visit this many of the model's timesteps, evenly spaced "
+                        "(default: all 1000, as in the reference)")
     g.add_argument("--optim_print", action="store_true", help="save intermediate images every 10 timesteps")
     g.add_argument("--optim_folder", type=str, default="./results/", help="output folder (parents are created)")
     if defaults:
@@ -88,7 +91,7 @@ def settings_from_args(args) -> GuidanceSettings:
         lr=args.optim_lr, max_iters=args.optim_max_iters, loss_cutoff=args.optim_loss_cutoff,
         avg_sim_to_start_backward=args.optim_avg_sim_to_start_backward,
         sim_queue_size=args.optim_sim_queue_size, select_prev=args.optim_select_prev,
-        save_intermediates=args.optim_print)
+        save_intermediates=args.optim_print, timesteps=args.optim_timesteps)
 
 
 def resolve_target(prompt: str, text_only: bool = False) -> tuple[str, str]:

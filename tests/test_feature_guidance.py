@@ -200,3 +200,36 @@ def test_unguided_run_reports_final_and_best(model, cond, objective):
     result, _ = run(model, cond, objective)
     assert math.isfinite(result.final_distance.item())
     assert result.best[0].image is not None and result.best[0].t >= 0
+
+
+def test_respaced_schedule():
+    full = GuidanceSettings().schedule(1000)
+    assert full == list(range(999, -1, -1))
+    assert GuidanceSettings(timesteps=1000).schedule(1000) == full
+    sched = GuidanceSettings(timesteps=250).schedule(1000)
+    assert len(sched) == 250 and sched[0] == 999 and sched[-1] == 0
+    assert all(a > b for a, b in zip(sched, sched[1:]))
+    assert GuidanceSettings(timesteps=1).schedule(1000) == [999]
+    # The early-emphasis boundary keeps its meaning (a timestep index, i >= E).
+    s = GuidanceSettings(timesteps=250, num_steps=(10, 2), early_emp_end=995)
+    assert s.total_iterations(1000) == 10 * sum(i >= 995 for i in sched) + 2 * sum(i < 995 for i in sched)
+
+
+def test_respaced_unguided_is_ancestral_ddpm_on_the_subset(model, cond, objective):
+    result, _ = run(model, cond, objective, seed=5, timesteps=6)
+    steps = GuidanceSettings(timesteps=6).schedule(T)
+    assert result.iterations == 6
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(SHAPE[1:], generator=g)[None]
+    abar = model.alphas_cumprod.double()
+    with torch.no_grad():
+        for k, i in enumerate(steps):
+            eps = model.apply_model(z, torch.tensor([i]), cond)
+            if i == 0:
+                z = model.predict_start_from_noise(z, torch.tensor([0]), eps)
+                break
+            beta = (1 - abar[i] / abar[steps[k + 1]]).float()
+            mean = (z - beta / (1 - abar[i].float()).sqrt() * eps) / (1 - beta).sqrt()
+            z = mean + beta.sqrt() * torch.randn(SHAPE[1:], generator=g)[None]
+        expected = model.decode_first_stage(z)
+    torch.testing.assert_close(result.final_images, expected, atol=1e-4, rtol=1e-4)

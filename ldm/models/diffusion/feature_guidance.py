@@ -52,6 +52,7 @@ class GuidanceSettings:
     select_prev: bool = False
     save_intermediates: bool = False   # --optim_print
     print_every: int = 10              # intermediate images every `print_every` timesteps
+    timesteps: int | None = None       # respaced schedule: this many of the model's timesteps
 
     def __post_init__(self):
         self.num_steps = tuple(int(k) for k in self.num_steps)
@@ -61,13 +62,25 @@ class GuidanceSettings:
             raise ValueError("--optim_sim_queue_size must be at least 1")
         if self.max_iters < 1:
             raise ValueError("--optim_max_iters must be at least 1")
+        if self.timesteps is not None and self.timesteps < 1:
+            raise ValueError(f"--optim_timesteps must be at least 1, got {self.timesteps}")
 
     def recurrences(self, i: int) -> int:
         """K at timestep i: the first value of num_steps early (i >= early_emp_end), else the last."""
         return self.num_steps[0] if i >= self.early_emp_end else self.num_steps[-1]
 
+    def schedule(self, num_timesteps: int) -> list[int]:
+        """The timesteps visited, noisiest first: all of them, or `timesteps` of them evenly
+        spaced from num_timesteps - 1 down to 0."""
+        n = num_timesteps if self.timesteps is None else min(self.timesteps, num_timesteps)
+        if n == num_timesteps:
+            return list(range(num_timesteps - 1, -1, -1))
+        if n == 1:
+            return [num_timesteps - 1]
+        return sorted({round(k * (num_timesteps - 1) / (n - 1)) for k in range(n)}, reverse=True)
+
     def total_iterations(self, num_timesteps: int) -> int:
-        return sum(self.recurrences(i) for i in range(num_timesteps))
+        return sum(self.recurrences(i) for i in self.schedule(num_timesteps))
 
 
 @dataclass
@@ -207,10 +220,17 @@ def sample_feature_guided(
     history = torch.full((batch, s.sim_queue_size), -100.0, device=device)  # similarities (−dist)
     history_count = 0
     iterations = guard_events = 0
-    bar = tqdm(range(T - 1, -1, -1), desc="guided sampling", disable=not progress, dynamic_ncols=True)
-    for i in bar:
+    timesteps = s.schedule(T)
+    bar = tqdm(timesteps, desc="guided sampling", disable=not progress, dynamic_ncols=True)
+    for k, i in enumerate(bar):
+        # i_prev: the next (less noisy) timestep visited; -1 after the last one.
+        i_prev = timesteps[k + 1] if k + 1 < len(timesteps) else -1
         t = torch.full((batch,), i, device=device, dtype=torch.long)
-        beta = model.betas[i]
+        beta = _step_beta(model, i, i_prev)
+        # Intermediate images every `print_every` visited timesteps (every 10th timestep and the
+        # first one, as in the reference, for the full schedule).
+        countdown = len(timesteps) - 1 - k
+        print_now = s.save_intermediates and countdown % s.print_every == 0
         K = s.recurrences(i)
         best_prev_score = torch.full((batch,), -math.inf, device=device)
         best_prev_z = None
@@ -223,7 +243,7 @@ def sample_feature_guided(
                 with torch.enable_grad():
                     eps = model.apply_model(z_in, t, cond)
                     x = model.decode_first_stage(model.predict_start_from_noise(z_in, t, eps))
-                    if s.save_intermediates and j == 0 and (i % s.print_every == 0 or i == T - 1):
+                    if j == 0 and (print_now or (s.save_intermediates and k == 0)):
                         save_all(f"original_guidance_{i}_{j}.png", x.detach())
                     dist, _ = scorer.score(x, i, j, grad=True)
                     (grad,) = torch.autograd.grad(-dist.sum(), z_in)
@@ -240,31 +260,31 @@ def sample_feature_guided(
                 with torch.no_grad():
                     z0 = model.predict_start_from_noise(z, t, eps - s.forward_guidance_wt * grad)
                     x = model.decode_first_stage(z0)
-                if s.save_intermediates and j == 0 and i % s.print_every == 0:
+                if print_now and j == 0:
                     save_all(f"guidance_3_{i}_{j}.png", x)
                 scorer.score(x, i, j + 0.5)
             else:
                 with torch.no_grad():
                     z0 = model.predict_start_from_noise(z, t, model.apply_model(z, t, cond))
                     x = model.decode_first_stage(z0)
-                if s.save_intermediates and i % s.print_every == 0:
+                if print_now:
                     save_all(f"original_guidance_{i}_{j}.png", x)
                 scorer.score(x, i, j)  # the reference scores nothing here; we track the best anyway
 
             if do_backward.any():
                 z0, x = _backward_guidance(model, scorer, z0, do_backward, s, i, j)
-                if s.save_intermediates and j == 0 and i % s.print_every == 0:
+                if print_now and j == 0:
                     save_all(f"guidance_2_{i}_b.png", x)
 
             with torch.no_grad():
-                if i != 0:
+                if i_prev >= 0:
                     eps_prev = model.predict_noise_from_start(z, t, z0)
                     z_prev = ((z - beta / (1 - model.alphas_cumprod[i]).sqrt() * eps_prev)
                               / (1 - beta).sqrt() + beta.sqrt() * randn())
                 else:
                     z_prev = z0
-                if s.select_prev and i != 0:
-                    t_prev = t - 1
+                if s.select_prev and i_prev >= 0:
+                    t_prev = torch.full_like(t, i_prev)
                     x_prev = model.decode_first_stage(model.predict_start_from_noise(
                         z_prev, t_prev, model.apply_model(z_prev, t_prev, cond)))
                     dist_prev, cos_prev = objective(x_prev)
@@ -293,6 +313,16 @@ def sample_feature_guided(
         log_fn(b, scorer.line("-1th timestep (FINAL)", final_dist[b].item(), final_cos[b].item()))
     return GuidedResult(final_images, final_dist.detach(), final_cos.detach(), scorer.best,
                         iterations, guard_events)
+
+
+def _step_beta(model, i: int, i_prev: int) -> torch.Tensor:
+    """β of the step from timestep i to i_prev: the model's β_i for consecutive timesteps
+    (bit-for-bit the reference), 1 − ᾱ_i/ᾱ_{i_prev} on a respaced schedule."""
+    if i_prev == i - 1:
+        return model.betas[i]
+    abar = model.alphas_cumprod.double()
+    abar_prev = abar[i_prev] if i_prev >= 0 else abar.new_tensor(1.0)
+    return (1 - abar[i] / abar_prev).to(model.betas.dtype)
 
 
 def _backward_guidance(model, scorer, z0, active, s: GuidanceSettings, i: int, j: int):
