@@ -16,7 +16,7 @@ $(STAMP): setup.py pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/self_check.py
+	$(PY) scripts/toy_demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

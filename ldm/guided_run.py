@@ -23,7 +23,8 @@ from torchvision.utils import save_image
 from ldm.checkpoint import CheckpointError
 from ldm.extractors.base import FeatureDistance, FeatureExtractor, TextTargetNotSupported, squared_distance
 from ldm.models.diffusion.feature_guidance import GuidanceSettings, sample_feature_guided
-from ldm.models.loading import DEFAULT_CKPT, DEFAULT_CONFIG, load_config, load_model
+from ldm.models.loading import (DEFAULT_CKPT, DEFAULT_CONFIG, SD_V14_MISSING_HINT, load_config,
+                                load_model)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -164,15 +165,19 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
 
 
 def _versions() -> dict:
-    import open_clip
-    import torchvision
-    import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "open_clip": open_clip.__version__,
-            "transformers": transformers.__version__}
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("torchvision", "open_clip_torch", "transformers"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
-def run(extractor_cls: type[FeatureExtractor], args, *, text_only: bool = False) -> dict:
+def run(extractor_cls: type[FeatureExtractor], args, *, text_only: bool = False,
+        ckpt_hint: str = SD_V14_MISSING_HINT) -> dict:
     """Everything after parsing: → the metrics dict (also written to metrics.json)."""
     kind, target = resolve_target(args.prompt, text_only)
     if kind == "text" and not extractor_cls.supports_text():
@@ -192,7 +197,7 @@ def run(extractor_cls: type[FeatureExtractor], args, *, text_only: bool = False)
     prepare_output_folder(folder, args.overwrite)
 
     torch.manual_seed(args.seed)
-    model = load_model(args.config, args.ckpt, device)
+    model = load_model(args.config, args.ckpt, device, missing_hint=ckpt_hint)
     extractor = extractor_cls(weights=args.extractor_weights, device=device)
     with torch.no_grad():
         goal = (extractor.image_features(target_image) if kind == "image"
@@ -264,13 +269,23 @@ def run(extractor_cls: type[FeatureExtractor], args, *, text_only: bool = False)
     return metrics
 
 
-def main(extractor_cls: type[FeatureExtractor], *, description: str | None = None,
-         defaults: dict | None = None, text_only: bool = False, argv: list[str] | None = None) -> int:
-    parser = build_parser(description or f"Decode a {extractor_cls.name} feature into images "
-                          "with feature-guided Stable Diffusion.", defaults)
+def main(extractor: type[FeatureExtractor] | dict[str, type[FeatureExtractor]], *,
+         description: str | None = None, defaults: dict | None = None, text_only: bool = False,
+         ckpt_hint: str = SD_V14_MISSING_HINT, argv: list[str] | None = None) -> int:
+    """The whole command line of a per-model script. `extractor` is one extractor class, or a
+    dict name → class, which adds an `--extractor` flag choosing among them (the first is the
+    default)."""
+    choices = extractor if isinstance(extractor, dict) else None
+    title = "/".join(choices) if choices else extractor.name
+    parser = build_parser(description or f"Decode a {title} feature into images with "
+                          "feature-guided latent diffusion.", defaults)
+    if choices:
+        parser.add_argument("--extractor", choices=list(choices), default=next(iter(choices)),
+                            help="target model whose feature is decoded")
     args = parser.parse_args(argv)
+    extractor_cls = choices[args.extractor] if choices else extractor
     try:
-        run(extractor_cls, args, text_only=text_only)
+        run(extractor_cls, args, text_only=text_only, ckpt_hint=ckpt_hint)
     except (UsageError, FileNotFoundError, CheckpointError, TextTargetNotSupported) as err:
         # Expected user-facing errors (bad flags or inputs, missing or broken weights): no traceback.
         print(f"error: {err}", file=sys.stderr)

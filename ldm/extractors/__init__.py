@@ -7,12 +7,14 @@ from ldm.extractors.base import (FeatureDistance, FeatureExtractor, TextTargetNo
                                  squared_distance)
 from ldm.extractors.clip import ClipRN50Extractor
 from ldm.extractors.torchvision_models import ResNet50Extractor, VitH14Extractor
+from ldm.extractors.toy import TOY_EXTRACTORS
 from ldm.extractors.weights import WeightsNotFoundError
 
 EXTRACTORS: dict[str, type[FeatureExtractor]] = {
     "clip_rn50": ClipRN50Extractor,
     "resnet50": ResNet50Extractor,
     "vit_h_14": VitH14Extractor,
+    **TOY_EXTRACTORS,
 }
 
 

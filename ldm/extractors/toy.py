@@ -1,0 +1,54 @@
+"""The toy world's target extractors: small CNNs trained here (scripts/train_toy.py), whose
+pooled penultimate layer is the feature. `toy_shape` was trained on shape only, `toy_colour`
+on colour only, `toy_all` on every attribute: the ground truth of what each feature encodes."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ldm.extractors.base import FeatureExtractor
+from ldm.toy.nets import load_net
+
+TOY_MODELS = Path(__file__).resolve().parents[2] / "models" / "toy"
+
+
+class ToyExtractor(FeatureExtractor):
+    """A `ldm.toy.nets.SmallCNN` on 32x32 images. The network normalises its [0, 1] input
+    itself, so the extractor's mean/std are the identity."""
+
+    input_size = 32
+    mean = (0.0, 0.0, 0.0)
+    std = (1.0, 1.0, 1.0)
+    log_cosine = True
+    weights_file: ClassVar[str] = ""
+
+    def __init__(self, weights: str | None = None, device="cpu"):
+        super().__init__()
+        path = Path(weights) if weights else TOY_MODELS / self.weights_file
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.name} weights not found at {path}: they ship with the "
+                                    "repository (models/toy/), or rebuild them with "
+                                    "`python scripts/train_toy.py --only extractors`")
+        self.net = load_net(str(path))
+        self.freeze().to(device)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+
+class ToyShapeExtractor(ToyExtractor):
+    name, weights_file = "toy_shape", "extractor_shape.safetensors"
+
+
+class ToyColourExtractor(ToyExtractor):
+    name, weights_file = "toy_colour", "extractor_colour.safetensors"
+
+
+class ToyAllExtractor(ToyExtractor):
+    name, weights_file = "toy_all", "extractor_all.safetensors"
+
+
+TOY_EXTRACTORS: dict[str, type[ToyExtractor]] = {
+    cls.name: cls for cls in (ToyShapeExtractor, ToyColourExtractor, ToyAllExtractor)}

@@ -1,0 +1,1 @@
+"""Toy world with known ground truth: generator, attribute oracle and small extractor nets."""

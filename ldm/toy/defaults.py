@@ -1,0 +1,22 @@
+"""Defaults of the toy world's guided decoding (scripts/toy_guided.py, the demo, the benchmark)."""
+
+TOY_CONFIG = "configs/toy/ldm.yaml"
+TOY_CKPT = "models/toy/ldm.safetensors"
+
+TOY_DEFAULTS = {
+    "config": TOY_CONFIG,
+    "ckpt": TOY_CKPT,
+    "H": 32,
+    "W": 32,
+    "prompt": "data/toy/toy_00_red_circle.png",
+    "optim_folder": "outputs/toy",
+    "optim_forward_guidance_wt": 4.0,
+    "optim_grad_clip_threshold": 3.0,
+    "optim_num_steps": [4, 1],
+    "optim_early_emp_end": 900,
+    "optim_timesteps": 250,
+}
+
+TOY_CKPT_HINT = ("toy latent diffusion weights not found at {path}: they ship with the repository "
+                 "(models/toy/ldm.safetensors); rebuild them with "
+                 "`python scripts/train_toy.py --only ldm`")
