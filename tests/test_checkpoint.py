@@ -1,13 +1,11 @@
 import argparse
 import builtins
-import contextlib
 import os
 import pickle
 import subprocess
 import sys
-import types
 import zipfile
-from collections import OrderedDict
+
 
 import numpy as np
 import pytest
@@ -17,9 +15,8 @@ from safetensors.torch import save_file
 from ldm.checkpoint import (SD_V1_IGNORABLE_KEYS, CheckpointError, CheckpointMismatchError,
                             CheckpointNotFoundError, UnsafeCheckpointError, _load_pickled,
                             check_state_dict, load_into, load_state_dict)
+from lightning_fake import PL_MODULE, PL_NAMES, fake_lightning
 
-PL_MODULE = "pytorch_lightning.callbacks.model_checkpoint"
-PL_NAMES = ("pytorch_lightning", "pytorch_lightning.callbacks", PL_MODULE)
 
 
 class Tiny(torch.nn.Module):
@@ -41,24 +38,6 @@ def assert_same(a, b):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
-@contextlib.contextmanager
-def fake_lightning():
-    """A ModelCheckpoint class that pickle can find while saving, and only then."""
-    assert not any(n in sys.modules for n in PL_NAMES), "real pytorch_lightning is loaded"
-
-    class ModelCheckpoint:
-        def __init__(self):
-            self.monitor, self.best_model_path = "val/loss", "/logs/last.ckpt"
-
-    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = PL_MODULE, "ModelCheckpoint"
-    for name in PL_NAMES:
-        sys.modules[name] = types.ModuleType(name)
-    sys.modules[PL_MODULE].ModelCheckpoint = ModelCheckpoint
-    try:
-        yield ModelCheckpoint
-    finally:
-        for name in PL_NAMES:
-            del sys.modules[name]
 
 
 def write_lightning_ckpt(path, state_dict, extra=None):

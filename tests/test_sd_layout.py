@@ -7,9 +7,7 @@
 * Loading: key check, missing file, foreign architecture, Lightning ``.ckpt`` and
   ``.safetensors`` round trips, run on the tiny config (same classes, small widths).
 """
-import contextlib
 import sys
-import types
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.loading import build_model, load_config, load_model
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import instantiate_from_config
+from lightning_fake import PL_NAMES, fake_lightning
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 UNET_PARAMS, VAE_PARAMS, TEXT_PARAMS = 859_520_964, 83_653_863, 123_060_480
@@ -363,27 +362,8 @@ def test_weights_for_other_widths_are_refused(tiny_model, tiny_config_path, tmp_
             "(64, 4, 3, 3)") in str(err.value)
 
 
-PL_MODULE = "pytorch_lightning.callbacks.model_checkpoint"
-PL_NAMES = ("pytorch_lightning", "pytorch_lightning.callbacks", PL_MODULE)
 
 
-@contextlib.contextmanager
-def fake_lightning_module():
-    """A ModelCheckpoint class that pickle can find by name while saving, and only then."""
-    assert not any(n in sys.modules for n in PL_NAMES), "real pytorch_lightning is loaded"
-
-    class ModelCheckpoint:
-        pass
-
-    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = PL_MODULE, "ModelCheckpoint"
-    for name in PL_NAMES:
-        sys.modules[name] = types.ModuleType(name)
-    sys.modules[PL_MODULE].ModelCheckpoint = ModelCheckpoint
-    try:
-        yield ModelCheckpoint
-    finally:
-        for name in PL_NAMES:
-            del sys.modules[name]
 
 
 @torch.no_grad()
@@ -404,7 +384,7 @@ def test_saved_tiny_model_loads_with_identical_outputs(tiny_model, tiny_config_p
     if fmt == "safetensors":
         save_file(state_dict, path)
     else:
-        with fake_lightning_module() as ModelCheckpoint:
+        with fake_lightning() as ModelCheckpoint:
             torch.save({"epoch": 6, "global_step": 470000, "pytorch-lightning_version": "1.4.2",
                         "state_dict": {**state_dict, **sd_v1_extras()},
                         "callbacks": {ModelCheckpoint: {"best_model_score": None,

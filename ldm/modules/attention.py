@@ -1,5 +1,4 @@
 """Spatial transformer blocks of the SD v1 UNet (self- and cross-attention via SDPA)."""
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn

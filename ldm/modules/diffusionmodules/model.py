@@ -88,6 +88,15 @@ def _run_mid(mid, h):
     return mid.block_2(mid.attn_1(mid.block_1(h)))
 
 
+def _run_level(level, h):
+    """The residual blocks of one resolution level, each followed by its attention if any."""
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[i](h)
+    return h
+
+
 class Encoder(nn.Module):
     def __init__(self, *, ch: int, ch_mult=(1, 2, 4, 8), num_res_blocks: int, attn_resolutions=(),
                  dropout: float = 0.0, in_channels: int, resolution: int, z_channels: int,
@@ -111,10 +120,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
+            h = _run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = _run_mid(self.mid, h)
@@ -146,10 +152,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = _run_mid(self.mid, self.conv_in(z))
         for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
+            h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
