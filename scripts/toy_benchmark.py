@@ -138,7 +138,7 @@ def mosaic(targets: torch.Tensor, decoded: dict[str, dict], n: int, scale: int =
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=60, help="held-out targets per extractor")
+    parser.add_argument("--n", type=int, default=50, help="held-out targets per extractor")
     parser.add_argument("--timesteps", type=int, default=TOY_DEFAULTS["optim_timesteps"],
                         help="respaced schedule length")
     parser.add_argument("--seed", type=int, default=0, help="first sampling seed (target b uses seed + b)")

@@ -10,11 +10,14 @@ TOY_DEFAULTS = {
     "W": 32,
     "prompt": "data/toy/toy_00_red_circle.png",
     "optim_folder": "outputs/toy",
-    "optim_forward_guidance_wt": 4.0,
+    # Measured on the toy benchmark: w = 4 (the paper's SD setting) reaches cosine 0.99+ with
+    # adversarial, off-world images against these small CNNs; w = 1 with more self-recurrence
+    # keeps the images in the world (see README, "The toy world").
+    "optim_forward_guidance_wt": 1.0,
     "optim_grad_clip_threshold": 3.0,
-    "optim_num_steps": [4, 1],
+    "optim_num_steps": [8, 2],
     "optim_early_emp_end": 900,
-    "optim_timesteps": 250,
+    "optim_timesteps": 100,
 }
 
 TOY_CKPT_HINT = ("toy latent diffusion weights not found at {path}: they ship with the repository "
