@@ -18,6 +18,8 @@ def load_run(folder: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no finished run (no metrics.json)")
     run = json.loads(path.read_text())
+    if not run.get("finished"):
+        raise FileNotFoundError(f"{folder} holds an unfinished run: finish it with --resume first")
     run["folder"] = folder
     return run
 

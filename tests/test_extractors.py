@@ -112,11 +112,12 @@ def normalised_batch(size: int, n: int = 2) -> torch.Tensor:
 
 # --- registry ---------------------------------------------------------------------------------
 def test_registry_and_exports():
-    assert EXTRACTORS == {"clip_rn50": ClipRN50Extractor, "resnet50": ResNet50Extractor,
-                          "vit_h_14": VitH14Extractor}
+    paper = {"clip_rn50": ClipRN50Extractor, "resnet50": ResNet50Extractor, "vit_h_14": VitH14Extractor}
+    assert {k: EXTRACTORS[k] for k in paper} == paper
+    assert set(EXTRACTORS) == set(paper) | {"toy_shape", "toy_colour", "toy_all"}
     for name, cls in EXTRACTORS.items():
         assert cls.name == name and issubclass(cls, FeatureExtractor)
-    with pytest.raises(ValueError, match="clip_rn50, resnet50, vit_h_14"):
+    with pytest.raises(ValueError, match="clip_rn50, resnet50, toy_all, toy_colour, toy_shape, vit_h_14"):
         build_extractor("resnet_50")
     assert callable(squared_distance) and issubclass(FeatureDistance, nn.Module)
     assert issubclass(WeightsNotFoundError, FileNotFoundError)

@@ -166,17 +166,17 @@ def test_log_lines_and_best_tracking(model, cond, objective):
     assert result.best[0].filename().startswith(f"out_img_best_t_{result.best[0].t}_rec_")
 
 
-def test_nan_gradient_is_guarded_and_logged(model, cond):
-    extractor = TinyExtractor()
-
+def test_zero_gradient_is_guarded_and_logged(model, cond):
+    """A flat objective (all-zero gradient) is not a fault: each step runs without guidance."""
     def objective(images):
-        dist, cos = FeatureDistance(extractor, torch.zeros(1, 8))(images)
-        return dist * torch.tensor(math.nan), cos    # distance and gradient are NaN
+        flat = images.sum() * 0 + 1.0              # constant distance, zero gradient
+        return flat.expand(images.shape[0]), torch.zeros(images.shape[0])
 
     result, lines = run(model, cond, objective, forward_guidance=True)
     assert result.guard_events == T
     assert torch.isfinite(result.final_images).all()
-    assert any("not finite; this step is taken without guidance" in line for _, line in lines)
+    assert any("guidance gradient is zero" in line and "taken without guidance" in line
+               for _, line in lines)
 
 
 def test_backward_guidance_and_select_prev_run(model, cond, objective):
@@ -233,3 +233,182 @@ def test_respaced_unguided_is_ancestral_ddpm_on_the_subset(model, cond, objectiv
             z = mean + beta.sqrt() * torch.randn(SHAPE[1:], generator=g)[None]
         expected = model.decode_first_stage(z)
     torch.testing.assert_close(result.final_images, expected, atol=1e-4, rtol=1e-4)
+
+
+# --- interruption, resumption, numerical faults ----------------------------------------------
+
+def _stop_after(n: int):
+    """should_stop() that says stop at the n-th iteration boundary (n = 0: before any work)."""
+    polls = iter(range(10 ** 9))
+    return lambda: next(polls) == n
+
+
+RESUME_KW = dict(num_steps=(3, 1), early_emp_end=T - 3, forward_guidance=True, forward_guidance_wt=4.0,
+                 grad_clip_threshold=3.0, select_prev=True, backward_guidance=True,
+                 avg_sim_to_start_backward=1e9, max_iters=2, sim_queue_size=4)
+RESUME_SHAPE = (2, 4, 8, 8)   # two targets, each with its own generator
+
+
+@pytest.fixture(scope="module")
+def resume_reference(model, cond, objective):
+    """The uninterrupted run the resumed ones are compared with."""
+    return run(model, cond, objective, seed=11, shape=RESUME_SHAPE, **RESUME_KW)
+
+
+@pytest.mark.parametrize("stop_at", [0, 1, 2, 4, 8, 9, 25])   # 26 iterations: 3 x 3 + 17 x 1
+def test_stop_save_load_resume_is_bitwise(model, cond, objective, resume_reference, tmp_path, stop_at):
+    """Stopping at any iteration boundary (mid-timestep included), writing the state to disk
+    and resuming from it gives exactly the uninterrupted run: images, best records, log."""
+    from ldm.models.diffusion.feature_guidance import SamplingStopped
+    from ldm.run_state import load_state, save_state
+
+    settings = GuidanceSettings(**RESUME_KW)
+    full, full_lines = resume_reference
+    assert full.iterations == 26
+
+    lines = []
+    gens = [torch.Generator().manual_seed(11 + b) for b in range(2)]
+    with pytest.raises(SamplingStopped) as stopped:
+        sample_feature_guided(model, cond, objective, settings, RESUME_SHAPE, gens,
+                              log=lambda b, line: lines.append((b, line)), progress=False,
+                              should_stop=_stop_after(stop_at))
+    assert stopped.value.state.iterations == stop_at
+    save_state(tmp_path / "state.safetensors", stopped.value.state, {"note": "test"})
+    state, run_meta = load_state(tmp_path / "state.safetensors")
+    assert run_meta == {"note": "test"}
+
+    other_gens = [torch.Generator().manual_seed(999) for _ in range(2)]   # states come from the file
+    resumed = sample_feature_guided(model, cond, objective, settings, RESUME_SHAPE, other_gens,
+                                    log=lambda b, line: lines.append((b, line)), progress=False,
+                                    state=state)
+    assert torch.equal(resumed.final_images, full.final_images)
+    assert torch.equal(resumed.final_distance, full.final_distance)
+    assert resumed.iterations == full.iterations and resumed.guard_events == full.guard_events
+    for a, b in zip(resumed.best, full.best):
+        assert (a.score, a.t, a.rec, a.bk, a.filename()) == (b.score, b.t, b.rec, b.bk, b.filename())
+        assert torch.equal(a.image, b.image)
+    assert lines == full_lines
+
+
+def test_checkpoints_come_every_n_iterations_and_each_resumes(model, cond, objective):
+    kw = dict(num_steps=(3, 1), early_emp_end=T - 3, forward_guidance=True, forward_guidance_wt=4.0)
+    settings = GuidanceSettings(**kw)
+    full, _ = run(model, cond, objective, seed=4, **kw)
+    states = []
+    sample_feature_guided(model, cond, objective, settings, SHAPE, [torch.Generator().manual_seed(4)],
+                          progress=False, on_checkpoint=states.append, checkpoint_every=5)
+    assert [s.iterations for s in states] == [5, 10, 15, 20, 25]
+    assert (states[0].k, states[0].j) == (1, 2)      # mid-timestep: 3 + 2 iterations
+    resumed = sample_feature_guided(model, cond, objective, settings, SHAPE, [torch.Generator()],
+                                    progress=False, state=states[0])
+    assert torch.equal(resumed.final_images, full.final_images)
+
+
+def test_a_state_of_another_schedule_is_refused(model, cond, objective):
+    from ldm.models.diffusion.feature_guidance import SamplingStopped
+
+    with pytest.raises(SamplingStopped) as stopped:
+        run_settings = GuidanceSettings(num_steps=(3,))
+        sample_feature_guided(model, cond, objective, run_settings, SHAPE, [torch.Generator()],
+                              progress=False, should_stop=_stop_after(2))
+    with pytest.raises(ValueError, match="self-recurrence 2 of timestep 19, which has only 1"):
+        sample_feature_guided(model, cond, objective, GuidanceSettings(num_steps=(1,)), SHAPE,
+                              [torch.Generator()], progress=False, state=stopped.value.state)
+
+
+class FaultyModel(CountingModel):
+    """Puts NaN (or inf) into one of the model's outputs from the `after`-th call on."""
+
+    def __init__(self, model, method: str, after: int, value=math.nan):
+        super().__init__(model)
+        self.method, self.after, self.value, self.count = method, after, value, 0
+
+    def _maybe_bad(self, out):
+        self.count += 1
+        return out * self.value if self.count > self.after else out
+
+    def apply_model(self, *args):
+        out = self.inner.apply_model(*args)
+        return self._maybe_bad(out) if self.method == "apply_model" else out
+
+    def predict_noise_from_start(self, *args):
+        out = self.inner.predict_noise_from_start(*args)
+        return self._maybe_bad(out) if self.method == "predict_noise_from_start" else out
+
+
+@pytest.mark.parametrize("method, value, stage", [
+    ("apply_model", math.inf, "noise prediction (UNet output)"),
+    ("predict_noise_from_start", math.nan, "latent"),
+])
+def test_nan_or_inf_in_the_latent_stops_with_the_timestep(model, cond, objective, method, value, stage):
+    from ldm.models.diffusion.feature_guidance import NumericalFault
+
+    faulty = FaultyModel(model, method, after=7, value=value)   # the 8th call: timestep 19 - 7 = 12
+    with pytest.raises(NumericalFault) as fault:
+        run(faulty, cond, objective, forward_guidance=True, forward_guidance_wt=4.0)
+    assert fault.value.stage == stage and fault.value.timestep == 12 and fault.value.recurrence == 0
+    assert f"in the {stage} at timestep 12, self-recurrence 0" in str(fault.value)
+    state = fault.value.state          # the start of the faulty iteration, with the best so far
+    assert (state.timestep, state.j, state.iterations) == (12, 0, 7)
+    assert state.best[0].image is not None and torch.isfinite(state.best[0].image).all()
+    assert torch.isfinite(state.z).all()
+
+
+def test_nan_in_the_features_stops_with_the_timestep(model, cond):
+    from ldm.models.diffusion.feature_guidance import NumericalFault
+
+    extractor, calls = TinyExtractor(), [0]
+
+    def objective(images):
+        calls[0] += 1
+        dist, cos = FeatureDistance(extractor, torch.zeros(1, 8))(images)
+        return (dist * math.nan if calls[0] == 9 else dist), cos   # 9th call: timestep 15, before guidance
+
+    with pytest.raises(NumericalFault) as fault:
+        run(model, cond, objective, forward_guidance=True, forward_guidance_wt=4.0)
+    assert fault.value.stage.startswith("feature distance") and fault.value.timestep == 15
+    best = fault.value.state.best[0]       # found before the fault, kept
+    assert best.t >= 16 and best.image is not None and math.isfinite(best.score)
+
+
+class _NaNGradientAtOneElement(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        grad[0, 0, 0, 0] = math.nan
+        return grad
+
+
+class NaNGradientModel(CountingModel):
+    """The UNet's input gets a NaN gradient in one element."""
+
+    def apply_model(self, z, t, cond):
+        if z.requires_grad:
+            z = _NaNGradientAtOneElement.apply(z)
+        return self.inner.apply_model(z, t, cond)
+
+
+@pytest.mark.parametrize("where", ["one element", "every element"])
+def test_non_finite_gradient_is_a_fault(model, cond, where):
+    """A NaN in the guidance gradient stops the run even though the distance is finite, whether
+    in one element or all of them; only an all-zero gradient is guarded
+    (test_zero_gradient_is_guarded_and_logged)."""
+    from ldm.models.diffusion.feature_guidance import NumericalFault
+
+    extractor = TinyExtractor()
+
+    def objective(images):
+        dist, cos = FeatureDistance(extractor, torch.zeros(1, 8))(images)
+        if where == "every element":   # 0 · sqrt(0): value 0, gradient 0 · inf = NaN everywhere
+            dist = dist + 0 * (images[:, :1, :1, :1] * 0).sum().sqrt()
+        return dist, cos
+
+    net = NaNGradientModel(model) if where == "one element" else model
+    with pytest.raises(NumericalFault) as fault:
+        run(net, cond, objective, forward_guidance=True)
+    assert fault.value.stage == "guidance gradient" and fault.value.timestep == T - 1
+    assert "guidance gradient at timestep 19, self-recurrence 0" in str(fault.value)

@@ -4,6 +4,7 @@ An extractor maps images to one feature vector per image. It knows nothing about
 guidance. Subclasses set the preprocessing constants and implement `encode`; everything else
 (the target transform and the differentiable "virtual save" of generated images) is shared.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -14,6 +15,20 @@ from torchvision.transforms import functional as TF
 
 class TextTargetNotSupported(ValueError):
     pass
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image → 8-bit RGB, upright: EXIF orientation applied, then `.convert("RGB")` as
+    the reference's loader did (grey, palette, RGBA, CMYK ...). 16-bit greyscale ("I;16*", and
+    "I" with values above 255) is first scaled to 8 bits (v / 257), which `.convert` would
+    instead clip to 255."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if image.mode != "I" or values.max(initial=0) > 255:
+            values = values.clip(0, 65535) / 257
+        image = Image.fromarray(np.round(values.clip(0, 255)).astype(np.uint8))  # mode L
+    return image.convert("RGB")
 
 
 def round_straight_through(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +80,7 @@ class FeatureExtractor(nn.Module):
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         """PIL target → [1, 3, S, S]: resize the shorter side to S (bicubic), centre crop,
         RGB, to tensor, normalise (the reference's target transform)."""
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = to_rgb(image)
         image = TF.resize(image, self.input_size, interpolation=InterpolationMode.BICUBIC)
         image = TF.center_crop(image, self.input_size)
         x = TF.normalize(TF.to_tensor(image), self.mean, self.std)

@@ -19,6 +19,19 @@ else num_steps[-1]). One recurrence with forward guidance:
 Batches hold independent targets: every statistic (norms, clipping, best image, moving average)
 is per image, and each image draws its noise from its own generator, so an image's result does
 not depend on its batch mates.
+
+Interruption and resumption: at every iteration boundary the loop's whole state (latent,
+position (k, j), moving-average history, best records, z_prev candidates, generator states)
+is a `SamplerState`. `on_checkpoint(state)` receives it every `checkpoint_every` iterations;
+`should_stop()` is polled at each boundary and makes the sampler raise `SamplingStopped`
+carrying the state; `state=` starts from one. Resuming from a state gives bit for bit the
+results of an uninterrupted run (same device, same thread count). How a state is stored is the
+caller's business (ldm/run_state.py for the command line).
+
+Numerical faults: a NaN or inf in the UNet's noise prediction, a feature distance, the guidance
+gradient or the latent raises `NumericalFault`, which names the timestep and the stage and
+carries the state at the start of the faulty iteration. An all-zero guidance gradient is not a
+fault: that step is taken without guidance and logged (see `rescale_to_noise_norm`).
 """
 from __future__ import annotations
 
@@ -113,6 +126,52 @@ class GuidedResult:
     stats: dict = field(default_factory=dict)
 
 
+@dataclass
+class SamplerState:
+    """Everything the sampler needs to continue at an iteration boundary: the next iteration is
+    self-recurrence `j` of the `k`-th visited timestep (`timestep`). Tensors live on the
+    sampler's device (the generator states on the CPU, as `torch.Generator.get_state` gives
+    them); `best` images on the CPU. A state is a snapshot: nothing in it is changed later."""
+
+    k: int
+    j: int
+    timestep: int
+    z: torch.Tensor                      # [B, C, h, w] latent entering iteration (k, j)
+    history: torch.Tensor                # [B, Q] moving-average ring buffer (−distance)
+    history_count: int
+    best: list[BestImage]
+    best_prev_score: torch.Tensor        # [B] best z_prev candidate score of this timestep
+    best_prev_z: torch.Tensor | None     # its latent (select_prev only; None before any)
+    do_backward: torch.Tensor            # [B] bool, the backward gate of this timestep
+    iterations: int                      # iterations done
+    guard_events: int
+    generator_states: list[torch.Tensor]
+
+
+class SamplingStopped(Exception):
+    """`should_stop()` returned True: the loop stopped at an iteration boundary; `state` is
+    where to resume from."""
+
+    def __init__(self, state: SamplerState):
+        super().__init__(f"sampling stopped before timestep {state.timestep}, self-recurrence "
+                         f"{state.j} ({state.iterations} iterations done)")
+        self.state = state
+
+
+class NumericalFault(ArithmeticError):
+    """A NaN or inf appeared. `timestep`, `recurrence` and `stage` say where; `images` which
+    batch entries; `state` is the state at the start of the faulty iteration (its `best` holds
+    the best images found before it)."""
+
+    def __init__(self, stage: str, timestep: int, recurrence: int, images: list[int],
+                 state: SamplerState):
+        which = "" if state.z.shape[0] == 1 else f" (batch entries {images})"
+        super().__init__(f"non-finite values (NaN or inf) in the {stage} at timestep {timestep}, "
+                         f"self-recurrence {recurrence}{which}")
+        self.stage, self.timestep, self.recurrence, self.images = stage, timestep, recurrence, images
+        self.state = state
+
+
 def _fmt_rec(rec: float) -> str:
     return str(int(rec)) if float(rec).is_integer() else str(rec)
 
@@ -171,12 +230,28 @@ class _Scorer:
                 self.best[b] = BestImage(-d, t, rec, bk, images[b].detach().float().cpu().clone(), c)
 
     def score(self, images, t, rec, bk=-1, backward=False, grad=False):
-        """Evaluate the objective (with or without a graph), log and track; → (dist, cos)."""
+        """Evaluate the objective (with or without a graph), log and track; → (dist, cos).
+        A non-finite distance raises `_NonFinite` before anything is logged or kept."""
         with torch.set_grad_enabled(grad):
             dist, cos = self.objective(images)
+        _check_finite(dist.detach(), "feature distance (target model features)" + (
+            ", backward guidance" if backward else ""))
         self.record(images, dist.detach(), cos, t, rec, bk, backward)
         self.last = (images.detach(), dist.detach(), cos)
         return dist, cos
+
+
+class _NonFinite(Exception):
+    def __init__(self, stage: str, images: list[int]):
+        super().__init__(stage)
+        self.stage, self.images = stage, images
+
+
+def _check_finite(x: torch.Tensor, stage: str) -> None:
+    """Raise `_NonFinite(stage, [bad batch entries])` if x holds a NaN or inf."""
+    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        raise _NonFinite(stage, (~finite).nonzero().flatten().tolist())
 
 
 def sample_feature_guided(
@@ -191,11 +266,22 @@ def sample_feature_guided(
     on_intermediate: ImageFn | None = None,
     log_cosine: bool = False,
     progress: bool = True,
+    state: SamplerState | None = None,
+    on_checkpoint: Callable[[SamplerState], None] | None = None,
+    checkpoint_every: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GuidedResult:
     """Run the guided reverse process for a batch of `shape[0]` independent targets.
 
     `objective(images)` → (squared distance [B], cosine [B]) for images in [-1, 1];
     `generators` holds one torch.Generator per image, on the latents' device.
+
+    `state`: continue from this `SamplerState` (the generators' states are set from it) instead
+    of starting from fresh noise; the settings must be those of the run that made it.
+    `on_checkpoint(state)`: called at the iteration boundaries where the number of iterations
+    done is a positive multiple of `checkpoint_every` (not after the last iteration).
+    `should_stop()`: polled at every iteration boundary; True raises `SamplingStopped`.
+    Raises `NumericalFault` on a NaN or inf (see the module docstring).
     """
     device = model.betas.device
     batch = shape[0]
@@ -216,13 +302,38 @@ def sample_feature_guided(
         for b in range(batch):
             save(b, name, images[b])
 
-    z = randn()
-    history = torch.full((batch, s.sim_queue_size), -100.0, device=device)  # similarities (−dist)
-    history_count = 0
-    iterations = guard_events = 0
     timesteps = s.schedule(T)
-    bar = tqdm(timesteps, desc="guided sampling", disable=not progress, dynamic_ncols=True)
-    for k, i in enumerate(bar):
+    if state is None:
+        z = randn()
+        history = torch.full((batch, s.sim_queue_size), -100.0, device=device)  # similarities (−dist)
+        history_count = 0
+        iterations = guard_events = 0
+        k0 = j0 = 0
+        best_prev_score = best_prev_z = do_backward = None
+    else:
+        _check_state(state, s, timesteps, shape)
+        for g, g_state in zip(generators, state.generator_states):
+            g.set_state(g_state.clone())
+        z = state.z.to(device).clone()
+        history = state.history.to(device).clone()
+        history_count, iterations, guard_events = state.history_count, state.iterations, state.guard_events
+        scorer.best = list(state.best)
+        k0, j0 = state.k, state.j
+        best_prev_score = state.best_prev_score.to(device)
+        best_prev_z = None if state.best_prev_z is None else state.best_prev_z.to(device)
+        do_backward = state.do_backward.to(device)
+
+    def snapshot(k: int, j: int) -> SamplerState:
+        return SamplerState(k, j, timesteps[k], z.detach().clone(), history.clone(), history_count,
+                            list(scorer.best), best_prev_score.clone(),
+                            None if best_prev_z is None else best_prev_z.clone(),
+                            do_backward.clone(), iterations, guard_events,
+                            [g.get_state() for g in generators])
+
+    bar = tqdm(total=len(timesteps), initial=k0, desc="guided sampling", disable=not progress,
+               dynamic_ncols=True)
+    for k in range(k0, len(timesteps)):
+        i = timesteps[k]
         # i_prev: the next (less noisy) timestep visited; -1 after the last one.
         i_prev = timesteps[k + 1] if k + 1 < len(timesteps) else -1
         t = torch.full((batch,), i, device=device, dtype=torch.long)
@@ -232,79 +343,106 @@ def sample_feature_guided(
         countdown = len(timesteps) - 1 - k
         print_now = s.save_intermediates and countdown % s.print_every == 0
         K = s.recurrences(i)
-        best_prev_score = torch.full((batch,), -math.inf, device=device)
-        best_prev_z = None
-        # The backward-guidance gate is evaluated once per timestep, as in the reference.
-        do_backward = s.backward_guidance & (-history.mean(dim=1) < s.avg_sim_to_start_backward)
-        for j in range(K):
+        j_start = j0 if k == k0 else 0
+        if j_start == 0:
+            best_prev_score = torch.full((batch,), -math.inf, device=device)
+            best_prev_z = None
+            # The backward-guidance gate is evaluated once per timestep, as in the reference.
+            do_backward = s.backward_guidance & (-history.mean(dim=1) < s.avg_sim_to_start_backward)
+        for j in range(j_start, K):
+            # Iteration boundary: the state is complete here.
+            here = snapshot(k, j)
+            if (on_checkpoint is not None and checkpoint_every > 0 and iterations > 0
+                    and iterations % checkpoint_every == 0 and (k, j) != (k0, j0)):
+                on_checkpoint(here)
+            if should_stop is not None and should_stop():
+                bar.close()
+                raise SamplingStopped(here)
             iterations += 1
-            if s.forward_guidance:
-                z_in = z.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    eps = model.apply_model(z_in, t, cond)
-                    x = model.decode_first_stage(model.predict_start_from_noise(z_in, t, eps))
-                    if j == 0 and (print_now or (s.save_intermediates and k == 0)):
-                        save_all(f"original_guidance_{i}_{j}.png", x.detach())
-                    dist, _ = scorer.score(x, i, j, grad=True)
-                    (grad,) = torch.autograd.grad(-dist.sum(), z_in)
-                history[:, history_count % s.sim_queue_size] = -dist.detach()
-                history_count += 1
-                eps = eps.detach()
-                grad, bad = rescale_to_noise_norm(grad, eps)
-                if bad.any():
-                    guard_events += 1
-                    for b in bad.nonzero().flatten().tolist():
-                        log_fn(b, f"{i}th timestep, {j}th self-recurrence: guidance gradient is zero "
-                                  "or not finite; this step is taken without guidance")
-                grad = clip_to_std(grad, s.grad_clip_threshold)
-                with torch.no_grad():
-                    z0 = model.predict_start_from_noise(z, t, eps - s.forward_guidance_wt * grad)
-                    x = model.decode_first_stage(z0)
-                if print_now and j == 0:
-                    save_all(f"guidance_3_{i}_{j}.png", x)
-                scorer.score(x, i, j + 0.5)
-            else:
-                with torch.no_grad():
-                    z0 = model.predict_start_from_noise(z, t, model.apply_model(z, t, cond))
-                    x = model.decode_first_stage(z0)
-                if print_now:
-                    save_all(f"original_guidance_{i}_{j}.png", x)
-                scorer.score(x, i, j)  # the reference scores nothing here; we track the best anyway
-
-            if do_backward.any():
-                z0, x = _backward_guidance(model, scorer, z0, do_backward, s, i, j)
-                if print_now and j == 0:
-                    save_all(f"guidance_2_{i}_b.png", x)
-
-            with torch.no_grad():
-                if i_prev >= 0:
-                    eps_prev = model.predict_noise_from_start(z, t, z0)
-                    z_prev = ((z - beta / (1 - model.alphas_cumprod[i]).sqrt() * eps_prev)
-                              / (1 - beta).sqrt() + beta.sqrt() * randn())
+            try:
+                if s.forward_guidance:
+                    z_in = z.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        eps = model.apply_model(z_in, t, cond)
+                        _check_finite(eps.detach(), "noise prediction (UNet output)")
+                        x = model.decode_first_stage(model.predict_start_from_noise(z_in, t, eps))
+                        if j == 0 and (print_now or (s.save_intermediates and k == 0)):
+                            save_all(f"original_guidance_{i}_{j}.png", x.detach())
+                        dist, _ = scorer.score(x, i, j, grad=True)
+                        (grad,) = torch.autograd.grad(-dist.sum(), z_in)
+                    history[:, history_count % s.sim_queue_size] = -dist.detach()
+                    history_count += 1
+                    eps = eps.detach()
+                    # Any NaN or inf in the gradient is a fault; an all-zero gradient (a flat
+                    # objective) is guarded: this step is taken without guidance.
+                    _check_finite(grad, "guidance gradient")
+                    grad, bad = rescale_to_noise_norm(grad, eps)
+                    if bad.any():
+                        guard_events += 1
+                        for b in bad.nonzero().flatten().tolist():
+                            log_fn(b, f"{i}th timestep, {j}th self-recurrence: guidance gradient is "
+                                      "zero (or its norm overflows); this step is taken without guidance")
+                    grad = clip_to_std(grad, s.grad_clip_threshold)
+                    with torch.no_grad():
+                        z0 = model.predict_start_from_noise(z, t, eps - s.forward_guidance_wt * grad)
+                        _check_finite(z0, "guided latent estimate z0")
+                        x = model.decode_first_stage(z0)
+                    if print_now and j == 0:
+                        save_all(f"guidance_3_{i}_{j}.png", x)
+                    scorer.score(x, i, j + 0.5)
                 else:
-                    z_prev = z0
-                if s.select_prev and i_prev >= 0:
-                    t_prev = torch.full_like(t, i_prev)
-                    x_prev = model.decode_first_stage(model.predict_start_from_noise(
-                        z_prev, t_prev, model.apply_model(z_prev, t_prev, cond)))
-                    dist_prev, cos_prev = objective(x_prev)
-                    better = -dist_prev > best_prev_score
-                    for b in range(batch):
-                        label = f"{i}th timestep, {j}th self-recurrence (z_prev)"
-                        log_fn(b, scorer.line(label, dist_prev[b].item(), cos_prev[b].item()))
-                        if better[b]:
-                            log_fn(b, f"!!! Found a better z_prev ({best_prev_score[b].item()} -> "
-                                      f"{-dist_prev[b].item()})")
-                    best_prev_score = torch.where(better, -dist_prev, best_prev_score)
-                    best_prev_z = z_prev if best_prev_z is None else torch.where(
-                        _per_image(better), z_prev, best_prev_z)
-                if j != K - 1:
-                    z = (1 - beta).sqrt() * z_prev + beta.sqrt() * randn()
-                else:
-                    z = best_prev_z if best_prev_z is not None else z_prev
+                    with torch.no_grad():
+                        eps = model.apply_model(z, t, cond)
+                        _check_finite(eps, "noise prediction (UNet output)")
+                        z0 = model.predict_start_from_noise(z, t, eps)
+                        x = model.decode_first_stage(z0)
+                    if print_now:
+                        save_all(f"original_guidance_{i}_{j}.png", x)
+                    scorer.score(x, i, j)  # the reference scores nothing here; we track the best anyway
+
+                if do_backward.any():
+                    z0, x = _backward_guidance(model, scorer, z0, do_backward, s, i, j)
+                    if print_now and j == 0:
+                        save_all(f"guidance_2_{i}_b.png", x)
+
+                with torch.no_grad():
+                    if i_prev >= 0:
+                        eps_prev = model.predict_noise_from_start(z, t, z0)
+                        z_prev = ((z - beta / (1 - model.alphas_cumprod[i]).sqrt() * eps_prev)
+                                  / (1 - beta).sqrt() + beta.sqrt() * randn())
+                    else:
+                        z_prev = z0
+                    _check_finite(z_prev, "latent")
+                    if s.select_prev and i_prev >= 0:
+                        t_prev = torch.full_like(t, i_prev)
+                        x_prev = model.decode_first_stage(model.predict_start_from_noise(
+                            z_prev, t_prev, model.apply_model(z_prev, t_prev, cond)))
+                        dist_prev, cos_prev = objective(x_prev)
+                        _check_finite(dist_prev, "feature distance (target model features) of the "
+                                                 "z_prev candidate")
+                        better = -dist_prev > best_prev_score
+                        for b in range(batch):
+                            label = f"{i}th timestep, {j}th self-recurrence (z_prev)"
+                            log_fn(b, scorer.line(label, dist_prev[b].item(), cos_prev[b].item()))
+                            if better[b]:
+                                log_fn(b, f"!!! Found a better z_prev ({best_prev_score[b].item()} -> "
+                                          f"{-dist_prev[b].item()})")
+                        best_prev_score = torch.where(better, -dist_prev, best_prev_score)
+                        best_prev_z = z_prev if best_prev_z is None else torch.where(
+                            _per_image(better), z_prev, best_prev_z)
+                    if j != K - 1:
+                        z = (1 - beta).sqrt() * z_prev + beta.sqrt() * randn()
+                        _check_finite(z, "latent")
+                    else:
+                        z = best_prev_z if best_prev_z is not None else z_prev
+            except _NonFinite as fault:
+                bar.close()
+                raise NumericalFault(fault.stage, i, j, fault.images, here) from None
+        bar.update(1)
         if progress:
             bar.set_postfix(dist=f"{scorer.last[1].mean().item():.4g}",
                             best=f"{min(b.distance for b in scorer.best):.4g}", refresh=False)
+    bar.close()
 
     # The last evaluation scored D(ẑ0) of the final iteration (i = 0, j = K−1), which is the
     # output: the reference decodes and scores it a second time, with the same result.
@@ -313,6 +451,20 @@ def sample_feature_guided(
         log_fn(b, scorer.line("-1th timestep (FINAL)", final_dist[b].item(), final_cos[b].item()))
     return GuidedResult(final_images, final_dist.detach(), final_cos.detach(), scorer.best,
                         iterations, guard_events)
+
+
+def _check_state(state: SamplerState, s: GuidanceSettings, timesteps: list[int], shape) -> None:
+    """A state that cannot belong to this schedule and shape is refused."""
+    if not 0 <= state.k < len(timesteps) or timesteps[state.k] != state.timestep:
+        raise ValueError(f"resume state at schedule position {state.k} (timestep {state.timestep}) "
+                         f"does not fit this schedule of {len(timesteps)} timesteps")
+    if not 0 <= state.j < s.recurrences(state.timestep):
+        raise ValueError(f"resume state at self-recurrence {state.j} of timestep {state.timestep}, "
+                         f"which has only {s.recurrences(state.timestep)}")
+    if tuple(state.z.shape) != tuple(shape) or len(state.generator_states) != shape[0]:
+        raise ValueError(f"resume state for latents {tuple(state.z.shape)}, not {tuple(shape)}")
+    if tuple(state.history.shape) != (shape[0], s.sim_queue_size) or len(state.best) != shape[0]:
+        raise ValueError("resume state does not fit these settings (moving-average size or batch)")
 
 
 def _step_beta(model, i: int, i_prev: int) -> torch.Tensor:
