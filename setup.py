@@ -13,6 +13,8 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "pillow==13.0.0",
     "numpy==2.4.6",
+    "timm==1.0.31",
+    "matplotlib==3.11.2",
 ]
 
 setup(

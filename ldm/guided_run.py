@@ -34,11 +34,11 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.utils import save_image
 
 from ldm.checkpoint import CheckpointError, CheckpointNotFoundError
-from ldm.extractors.base import (FeatureDistance, FeatureExtractor, TextTargetNotSupported,
-                                 squared_distance, to_rgb)
+from ldm.extractors.base import FeatureExtractor, TextTargetNotSupported, to_rgb
 from ldm.models.diffusion.feature_guidance import (BestImage, GuidanceSettings, NumericalFault,
                                                    SamplerState, SamplingStopped,
                                                    sample_feature_guided)
+from ldm.objectives import FeatureDistance, squared_distance
 from ldm.models.loading import (DEFAULT_CKPT, DEFAULT_CONFIG, SD_V14_MISSING_HINT, load_config,
                                 load_model)
 from ldm.run_state import (STATE_FILE, RunStateError, atomic_write_text, commit,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ldm.extractors.base import FeatureDistance
+from ldm.objectives import FeatureDistance
 from ldm.extractors.toy import TOY_EXTRACTORS
 from ldm.models.diffusion.feature_guidance import GuidanceSettings, sample_feature_guided
 from ldm.models.loading import load_model

@@ -21,9 +21,10 @@ from torchvision.transforms._presets import ImageClassification
 
 import ldm.extractors.weights as W
 from ldm.checkpoint import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
-from ldm.extractors import (EXTRACTORS, ClipRN50Extractor, FeatureDistance, FeatureExtractor,
-                            ResNet50Extractor, TextTargetNotSupported, VitH14Extractor,
-                            WeightsNotFoundError, build_extractor, squared_distance)
+from ldm.extractors import (EXTRACTORS, ClipRN50Extractor, FeatureExtractor, ResNet50Extractor,
+                            TextTargetNotSupported, VitH14Extractor, WeightsNotFoundError,
+                            build_extractor)
+from ldm.objectives import FeatureDistance, squared_distance
 
 SMALL_VIT_DIM = 32
 

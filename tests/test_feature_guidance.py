@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ldm.extractors.base import FeatureDistance
+from ldm.objectives import FeatureDistance
 from ldm.models.diffusion.feature_guidance import (GuidanceSettings, clip_to_std,
                                                    rescale_to_noise_norm, sample_feature_guided)
 from tiny_models import TinyExtractor, tiny_model

@@ -3,8 +3,7 @@
     extractor = build_extractor("resnet50")                  # torchvision download cache
     extractor = build_extractor("clip_rn50", weights="open_clip_model.safetensors", device="cuda")
 """
-from ldm.extractors.base import (FeatureDistance, FeatureExtractor, TextTargetNotSupported,
-                                 squared_distance)
+from ldm.extractors.base import FeatureExtractor, TextTargetNotSupported
 from ldm.extractors.clip import ClipRN50Extractor
 from ldm.extractors.torchvision_models import ResNet50Extractor, VitH14Extractor
 from ldm.extractors.toy import TOY_EXTRACTORS
@@ -28,6 +27,6 @@ def build_extractor(name: str, **kwargs) -> FeatureExtractor:
     return cls(**kwargs)
 
 
-__all__ = ["EXTRACTORS", "ClipRN50Extractor", "FeatureDistance", "FeatureExtractor",
+__all__ = ["EXTRACTORS", "ClipRN50Extractor", "FeatureExtractor",
            "ResNet50Extractor", "TextTargetNotSupported", "VitH14Extractor",
-           "WeightsNotFoundError", "build_extractor", "squared_distance"]
+           "WeightsNotFoundError", "build_extractor"]

@@ -6,7 +6,6 @@ guidance. Subclasses set the preprocessing constants and implement `encode`; eve
 """
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 from torchvision.transforms import InterpolationMode
@@ -105,26 +104,3 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Generated images in [-1, 1] → float32 features [B, D]."""
         return self.encode(self.virtual_save(images)).float()
-
-
-def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """‖a‖² + ‖b‖² − 2a·b per row, in float32 (the reference's expanded form, no square root)."""
-    a, b = a.float(), b.float()
-    return (a * a).sum(-1) + (b * b).sum(-1) - 2 * (a * b).sum(-1)
-
-
-class FeatureDistance(nn.Module):
-    """Squared Euclidean distance between an extractor's features of generated images and
-    fixed target features (one row per image in the batch)."""
-
-    def __init__(self, extractor: FeatureExtractor, target: torch.Tensor):
-        super().__init__()
-        self.extractor = extractor
-        self.register_buffer("target", target.detach().float())
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """→ (squared distance [B], cosine similarity [B]); differentiable in the distance."""
-        features = self.extractor(images)
-        target = self.target.expand(features.shape[0], -1)
-        cosine = F.cosine_similarity(features.detach(), target, dim=-1)
-        return squared_distance(features, target), cosine
