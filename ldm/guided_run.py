@@ -1,9 +1,13 @@
-"""The command line shared by every per-model script (`scripts/*_guided.py`).
+"""The command line shared by every script (`scripts/*_guided.py`, `scripts/feature_guided.py`).
 
-A script is its extractor class plus one call: `main(ResNet50Extractor)`. This module parses the
-reference's flags, checks them before any model loads, resolves the target (image or text),
-runs the guided sampler and writes the outputs the reference writes (`out_img.png`, the best
-image, intermediates with `--optim_print`, `log.txt`), plus `metrics.json`.
+A script is its extractor (a registry name or a class) plus one call:
+`main("torchvision:resnet50")`. This module parses the reference's flags, checks them before any
+model loads, resolves the targets (images, text, feature files, feature arithmetic; several per
+run, decoded in batches), runs the guided sampler through `ldm.api.FeatureDecoder` and writes the
+outputs the reference writes (`out_img.png`, the best image, intermediates with `--optim_print`,
+`log.txt`), plus `metrics.json` and `target_features.safetensors`. One target writes into
+`--optim_folder`; several write one subfolder each (named after the image, file or prompt).
+Under `torchrun`, each process decodes its share of the targets (ldm/sharding.py).
 
 Runs survive interruption: the resume state (ldm/run_state.py) is written every `--save_every`
 iterations and on SIGINT/SIGTERM, `--resume` continues bit for bit, a folder holding a finished
@@ -16,6 +20,7 @@ stopped by SIGINT / SIGTERM (state saved).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -26,26 +31,31 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from safetensors.torch import save_file
 from torchvision.utils import save_image
 
+from ldm.api import PRECISIONS, FeatureDecoder, TargetFeatures, load_image
 from ldm.checkpoint import CheckpointError, CheckpointNotFoundError
-from ldm.extractors.base import FeatureExtractor, TextTargetNotSupported, to_rgb
+from ldm.extractors import build_extractor
+from ldm.extractors.base import ExtractorSpecError, FeatureExtractor, TextTargetNotSupported
 from ldm.models.diffusion.feature_guidance import (BestImage, GuidanceSettings, NumericalFault,
-                                                   SamplerState, SamplingStopped,
-                                                   sample_feature_guided)
-from ldm.objectives import FeatureDistance, squared_distance
+                                                   SamplerState, SamplingStopped)
+from ldm.objectives import LOSSES, parse_channels
 from ldm.models.loading import (DEFAULT_CKPT, DEFAULT_CONFIG, SD_V14_MISSING_HINT, load_config,
                                 load_model)
 from ldm.run_state import (STATE_FILE, RunStateError, atomic_write_text, commit,
-                           fingerprint_differences, folder_status, load_state, peek_run,
-                           run_fingerprint, save_state, temporary_path)
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+                           fingerprint_differences, folder_status, load_state, peek_run, position,
+                           run_fingerprint, save_state, split_state, stack_states, temporary_path)
+from ldm.performance import prepare
+from ldm.sharding import (Shard, barrier, current_shard, from_rank0, gather, init_group,
+                          leave_group)
+from ldm.targets import Target, TargetError, expand_targets, read_target_list
 
 # Flags the reference parses but never uses: not accepted here (listed in the README).
 DROPPED_REFERENCE_FLAGS = (
@@ -76,8 +86,15 @@ class RunStopped(Exception):
 def build_parser(description: str, defaults: dict | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", type=str, default="data/examples/chelsea.jpg",
-                   help="target: a path to an image, or a text prompt (text needs a text tower, e.g. CLIP)")
+    p.add_argument("--prompt", type=str, nargs="+", default=["data/examples/chelsea.jpg"],
+                   help="targets: image paths, folders of images, feature files (.npy .pt .safetensors), "
+                        "feature arithmetic such as 'image(\"a.jpg\") + 0.5 * (text(\"a dog\") - "
+                        "text(\"a cat\"))', or text prompts (text needs a text tower, e.g. CLIP); "
+                        "several targets are decoded in batches, one subfolder each")
+    p.add_argument("--prompt_file", type=str, default=None,
+                   help="a text file with one more target per line (# comments)")
+    p.add_argument("--batch_size", type=int, default=4,
+                   help="targets decoded together (a target's result does not depend on its batch)")
     p.add_argument("--H", type=int, default=512, help="image height in pixels")
     p.add_argument("--W", type=int, default=512, help="image width in pixels")
     p.add_argument("--config", type=str, default=DEFAULT_CONFIG, help="latent diffusion model config")
@@ -93,6 +110,26 @@ def build_parser(description: str, defaults: dict | None = None) -> argparse.Arg
     p.add_argument("--save_every", type=int, default=None,
                    help="write the resume state every N guided iterations (default: 5%% of the run's iterations)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+    f = p.add_argument_group("feature and loss")
+    f.add_argument("--layer", type=str, default=None,
+                   help="decode the output of this submodule of the target model instead of its "
+                        "final embedding (e.g. layer3); a wrong name lists the valid ones")
+    f.add_argument("--spatial", action="store_true",
+                   help="keep the layer's spatial map (C x H x W, compared position by position) "
+                        "instead of pooling it to a vector")
+    f.add_argument("--channels", type=str, default=None,
+                   help="compare only these channels (dimension 1 of the feature): e.g. 0:64,100")
+    f.add_argument("--loss", choices=LOSSES, default="squared",
+                   help="squared Euclidean distance (the reference) or 1 - cosine similarity")
+
+    sp = p.add_argument_group("speed")
+    sp.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="autocast precision of the UNet, decoder and target model (fp32 reproduces "
+                        "the reference; bf16 is the fast choice on recent GPUs)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the networks (pays off on long GPU runs)")
+    sp.add_argument("--grad_checkpoint", action="store_true",
+                   help="recompute activations in the backward pass: less memory, about 30%% slower")
 
     g = p.add_argument_group("guidance (reference --optim_* flags)")
     g.add_argument("--optim_forward_guidance", action="store_true", help="turn on forward guidance")
@@ -132,29 +169,12 @@ def settings_from_args(args) -> GuidanceSettings:
         save_intermediates=args.optim_print, timesteps=args.optim_timesteps)
 
 
-def resolve_target(prompt: str, text_only: bool = False) -> tuple[str, str]:
-    """→ ("image", path) or ("text", prompt). A missing path that looks like an image is an
-    error, not a text prompt."""
-    if text_only:
-        return "text", prompt
-    path = Path(prompt).expanduser()
-    if path.is_file():
-        return "image", str(path)
-    if path.suffix.lower() in IMAGE_SUFFIXES or path.is_dir():
-        raise UsageError(f"--prompt {prompt!r} looks like an image path, but no such file exists")
-    return "text", prompt
-
-
-def load_target_image(path: str) -> Image.Image:
-    """The target image, fully read and checked to convert to RGB (any mode, 16-bit, EXIF)."""
+def load_target_image(path: str):
+    """The target image, fully read and checked to convert to RGB; UsageError if unreadable."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = image.copy()
-        to_rgb(image)
-        return image
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UsageError(f"--prompt {path!r} is not a readable image: {err}") from err
+        return load_image(path)
+    except TargetError as err:
+        raise UsageError(f"--prompt {err}") from None
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -182,6 +202,13 @@ def validate_flags(args) -> None:
                          "(a timestep index; -1, the default, means the first K everywhere)")
     if args.save_every is not None and args.save_every < 1:
         raise UsageError(f"--save_every {args.save_every} must be at least 1 (iterations)")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size {args.batch_size} must be at least 1")
+    if args.channels is not None:
+        try:
+            parse_channels(args.channels)
+        except ValueError as err:
+            raise UsageError(f"--channels: {err}") from None
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --optim_folder and --overwrite deletes it: "
                          "give one of them")
@@ -202,8 +229,14 @@ def check_weight_files(args, ckpt_hint: str) -> None:
         if Path(args.ckpt).exists():
             raise CheckpointError(f"--ckpt {args.ckpt!r} is not a file")
         raise CheckpointNotFoundError(ckpt_hint.format(path=args.ckpt))
-    if args.extractor_weights is not None and not Path(args.extractor_weights).is_file():
-        raise UsageError(f"--extractor_weights {args.extractor_weights!r}: no such file")
+    weights = args.extractor_weights
+    if weights is not None and _looks_like_path(weights) and not Path(weights).is_file():
+        raise UsageError(f"--extractor_weights {weights!r}: no such file")
+
+
+def _looks_like_path(weights: str) -> bool:
+    """A weights file, not a tag ("random", "IMAGENET1K_V2", "openai", "a1_in1k")."""
+    return "/" in weights or os.sep in weights or Path(weights).suffix != "" or Path(weights).exists()
 
 
 _OUTPUT_PATTERNS = ("log.txt", "metrics.json", "out_img.png", "out_img_best_t_*.png", STATE_FILE,
@@ -324,202 +357,418 @@ class _StopOnSignals:
         return self.signum is not None
 
 
-def run(extractor_cls: type[FeatureExtractor], args, *, text_only: bool = False,
-        ckpt_hint: str = SD_V14_MISSING_HINT, argv: list[str] | None = None) -> dict:
-    """Everything after parsing: → the metrics dict (also written to metrics.json). Raises
-    `RunStopped` after saving an interrupted run (signal or numerical fault)."""
+@dataclass
+class _Job:
+    """One target of this process: where it goes and what is known about it before sampling."""
+
+    target: Target
+    folder: Path
+    status: str                          # of the folder before this run: new / interrupted
+    fingerprint: dict | None = None
+    state: SamplerState | None = None    # its resume state (a batch of one)
+    saved: dict | None = None            # the bookkeeping saved with that state
+    goal: torch.Tensor | None = None     # target features [1, ...]
+    created: bool = False
+
+
+def _extractor_source(extractor, args) -> tuple[str, Callable[[torch.device], FeatureExtractor], type | None]:
+    """→ (name, build(device), class or None) for a registry name or an extractor class."""
+    if isinstance(extractor, str):
+        spec = extractor
+        if args.layer:
+            if "@" in spec:
+                raise UsageError(f"--layer {args.layer!r}: the extractor {spec!r} already names a layer")
+            spec = f"{spec}@{args.layer}"
+        return spec, lambda device: build_extractor(spec, weights=args.extractor_weights, device=device,
+                                                    spatial=args.spatial), None
+    if args.layer or args.spatial:
+        raise UsageError(f"--layer/--spatial need an extractor from the registry; {extractor.name} is a "
+                         "fixed class (use scripts/feature_guided.py --extractor <library:model@layer>)")
+    return extractor.name, lambda device: extractor(weights=args.extractor_weights, device=device), extractor
+
+
+def _target_list(args, text_only: bool) -> list[Target]:
+    specs = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt)   # a script default
+    try:
+        if args.prompt_file:
+            specs += read_target_list(args.prompt_file)
+        targets = expand_targets(specs, text_only)
+        for target in targets:
+            for kind, source in target.leaves():
+                if kind == "image":
+                    load_target_image(source)   # readable, before any model loads
+        return targets
+    except TargetError as err:
+        raise UsageError(f"--prompt {err}") from None
+
+
+def _plan(targets: list[Target], root: Path, args) -> tuple[list[_Job], list[str]]:
+    """The targets left to do (folder status checked) and notes about skipped ones. One target:
+    the folder is --optim_folder itself (the reference's layout) and a finished run is an
+    error; several: a subfolder each, finished ones are skipped (a rerun does what is left)."""
+    if len(targets) == 1:
+        status, _ = folder_status(root) if root.is_dir() else ("new", "")
+        return [_Job(targets[0], root, status)], []
+    jobs, notes, blocked = [], [], []
+    for target in targets:
+        folder = root / target.label
+        status, detail = folder_status(folder) if folder.is_dir() else ("new", "")
+        if status == "finished" and not args.overwrite:
+            notes.append(target.label)
+            continue
+        if status == "interrupted" and not (args.resume or args.overwrite):
+            blocked.append(f"{folder} ({detail})")
+        jobs.append(_Job(target, folder, status))
+    if blocked:
+        raise UsageError("interrupted runs of these targets: " + ", ".join(blocked) + "; pass --resume "
+                         "to continue them (finished targets are skipped) or --overwrite to start again")
+    return jobs, notes
+
+
+def _check_same_targets(shard: Shard, targets: list[Target]) -> None:
+    digest = hashlib.sha256(json.dumps([[t.kind, t.source] for t in targets]).encode()).hexdigest()
+    digests = gather(shard, digest)
+    different = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if different:
+        raise UsageError(f"processes {different} of this torchrun job see other targets than process 0 "
+                         "(different working directory, files or flags?)")
+
+
+def run(extractor, args, *, text_only: bool = False, ckpt_hint: str = SD_V14_MISSING_HINT,
+        argv: list[str] | None = None) -> list[dict]:
+    """Everything after parsing: → the metrics of each target decoded by this process (also in
+    each target's metrics.json). Raises `RunStopped` after saving an interrupted run (signal or
+    numerical fault)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Every check that can run before a model loads does: flags, device, target, config, files,
-    # output folder, resume state.
+    # Every check that can run before a model loads does: flags, device, targets, config, files,
+    # output folders, resume states.
     validate_flags(args)
     try:
         settings = settings_from_args(args)
+        shard = current_shard()
     except ValueError as err:
         raise UsageError(str(err)) from err
-    device = pick_device(args.device)
-    kind, target = resolve_target(args.prompt, text_only)
-    if kind == "text" and not extractor_cls.supports_text():
-        raise UsageError(f"--prompt {args.prompt!r} is not an image file, and {extractor_cls.name} "
-                         "supports image targets only (text targets: scripts/clip_guided2.py)")
-    target_image = load_target_image(target) if kind == "image" else None
+    device = pick_device(shard.device(args.device))
+    name, make_extractor, extractor_cls = _extractor_source(extractor, args)
+    targets = _target_list(args, text_only)
+    wants_text = any(kind == "text" for t in targets for kind, _ in t.leaves())
+    if wants_text and extractor_cls is not None and not extractor_cls.supports_text():
+        raise UsageError(_text_refusal(targets, name))
     config = load_config(args.config)
     ddconfig = config.model.params.first_stage_config.params.ddconfig
-    latent_factor = 2 ** (len(ddconfig.ch_mult) - 1)
-    validate(args, latent_factor)
+    validate(args, 2 ** (len(ddconfig.ch_mult) - 1))
     check_weight_files(args, ckpt_hint)
-    folder = Path(args.optim_folder)
-    fingerprint = run_fingerprint(
-        settings=settings, height=args.H, width=args.W, seed=args.seed, device=device.type,
-        target_kind=kind, target=target, extractor=extractor_cls.name,
-        extractor_weights=args.extractor_weights, config=args.config, ckpt=args.ckpt)
-    created = not folder.exists()
-    prepare_output_folder(folder, args.overwrite, resume=args.resume)
+    root = Path(args.optim_folder)
+    created_group = init_group(shard, device)
     try:
-        state, saved = None, None
-        if args.resume:
-            try:
-                state, saved = load_state(folder / STATE_FILE)
-            except RunStateError as err:
-                raise UsageError(f"cannot resume: {err} (pass --overwrite instead of --resume to "
-                                 "start again)") from err
-            differences = fingerprint_differences(saved["fingerprint"], fingerprint)
-            if differences:
-                raise UsageError("cannot resume: " + "; ".join(differences) + " (resume with the "
-                                 "original flags, or pass --overwrite instead of --resume to start "
-                                 "again)")
-        torch.manual_seed(args.seed)
-        model = load_model(args.config, args.ckpt, device, missing_hint=ckpt_hint)
-        extractor = extractor_cls(weights=args.extractor_weights, device=device)
-    except BaseException:
-        if created and not any(folder.iterdir()):
-            folder.rmdir()   # a broken checkpoint leaves no empty output folder behind
-        raise
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-        warnings.simplefilter("always")   # e.g. a text prompt truncated to CLIP's 77 tokens
-        goal = (extractor.image_features(target_image) if kind == "image"
-                else extractor.encode_text([target]).float())
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
-    objective = FeatureDistance(extractor, goal)
-    with torch.no_grad():
-        cond = model.get_learned_conditioning([""])
+        if shard.distributed:
+            _check_same_targets(shard, targets)
+        jobs, skipped = _plan(targets, root, args)
+        labels = from_rank0(shard, [job.target.label for job in jobs])
+        by_label = {job.target.label: job for job in jobs}
+        jobs = [by_label[label] for label in shard.take(labels) if label in by_label]
+        prefix = shard.prefix()
+        if skipped:
+            print(f"{prefix}skipping {len(skipped)} finished target(s) in {root} (pass --overwrite to "
+                  f"decode them again): {', '.join(skipped)}")
+        metrics = _run_jobs(jobs, len(targets) == 1, make_extractor, name, settings, device, args,
+                            argv, ckpt_hint, wants_text, prefix)
+        barrier(shard)
+        if len(targets) > 1 and shard.rank == 0:
+            _write_index(root, targets)
+        return metrics
+    finally:
+        leave_group(created_group)
 
+
+def _text_refusal(targets: list[Target], name: str) -> str:
+    text = next(source for t in targets for kind, source in t.leaves() if kind == "text")
+    return (f"--prompt {text!r} is not an image file, and {name} supports image targets only "
+            "(text targets need a text tower, e.g. scripts/clip_guided2.py)")
+
+
+def _run_jobs(jobs: list[_Job], single: bool, make_extractor, name: str, settings: GuidanceSettings,
+              device: torch.device, args, argv: list[str], ckpt_hint: str, wants_text: bool,
+              prefix: str) -> list[dict]:
+    if not jobs:
+        print(f"{prefix}nothing to decode")
+        return []
+    options = {"--precision": args.precision, "--loss": args.loss, "--channels": args.channels,
+               "--spatial": args.spatial}
+    for job in jobs:
+        leaves = job.target.leaves()
+        job.fingerprint = run_fingerprint(
+            settings=settings, height=args.H, width=args.W, seed=args.seed, device=device.type,
+            target_kind=job.target.kind, target=job.target.source, extractor=name,
+            extractor_weights=args.extractor_weights, config=args.config, ckpt=args.ckpt,
+            files=[source for kind, source in leaves if kind in ("image", "features")], options=options)
+        job.created = not job.folder.exists()
+        prepare_output_folder(job.folder, args.overwrite,
+                              resume=args.resume and (single or job.status == "interrupted"))
+    try:
+        for job in jobs:
+            if args.resume and job.status == "interrupted":
+                job.state, job.saved = _load_resume_state(job)
+        torch.manual_seed(args.seed)
+        # The diffusion model first: a broken checkpoint fails before anything else is built.
+        model = load_model(args.config, args.ckpt, device, missing_hint=ckpt_hint)
+        extractor = make_extractor(device)
+        if wants_text and not extractor.supports_text():
+            raise UsageError(_text_refusal([j.target for j in jobs], name))
+        targets = TargetFeatures(extractor)
+        for job in jobs:
+            with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+                warnings.simplefilter("always")   # e.g. a text prompt truncated to CLIP's 77 tokens
+                try:
+                    job.goal = targets(job.target)
+                except TargetError as err:
+                    raise UsageError(f"--prompt {err}") from None
+            for warning in caught:
+                print(f"warning: {warning.message}", file=sys.stderr)
+        if args.channels is not None:
+            try:
+                parse_channels(args.channels, jobs[0].goal.shape[1])
+            except ValueError as err:
+                raise UsageError(f"--channels: {err}") from None
+        model, extractor = prepare(model, extractor, compile=args.compile,
+                                   grad_checkpoint=args.grad_checkpoint)
+        decoder = FeatureDecoder(model, extractor, settings, loss=args.loss, channels=args.channels,
+                                 precision=args.precision)
+    except BaseException:
+        for job in jobs:   # a broken checkpoint leaves no empty output folders behind
+            if job.created and job.folder.is_dir() and not any(job.folder.iterdir()):
+                job.folder.rmdir()
+        raise
+
+    # Resumed targets continue in batches of the same position; new ones start together.
+    groups: dict[tuple, list[_Job]] = {}
+    for job in jobs:
+        groups.setdefault(position(job.state) if job.state is not None else (), []).append(job)
+    batches = [group[i:i + args.batch_size] for key in sorted(groups, key=lambda k: k == ())
+               for group in [groups[key]] for i in range(0, len(group), args.batch_size)]
+    metrics = []
+    with _StopOnSignals() as stop:
+        for n, batch in enumerate(batches):
+            if len(batches) > 1:
+                print(f"{prefix}batch {n + 1} of {len(batches)}: {', '.join(j.target.label for j in batch)}")
+            metrics += _decode_batch(batch, decoder, settings, device, args, argv, stop, prefix)
+    return metrics
+
+
+def _load_resume_state(job: _Job) -> tuple[SamplerState, dict]:
+    try:
+        state, saved = load_state(job.folder / STATE_FILE)
+    except RunStateError as err:
+        raise UsageError(f"cannot resume: {err} (pass --overwrite instead of --resume to start "
+                         "again)") from err
+    differences = fingerprint_differences(saved["fingerprint"], job.fingerprint)
+    if differences:
+        where = "" if job.folder.name == "" else f" ({job.folder})"
+        raise UsageError(f"cannot resume{where}: " + "; ".join(differences) + " (resume with the "
+                         "original flags, or pass --overwrite instead of --resume to start again)")
+    if len(state.best) != 1:
+        raise UsageError(f"cannot resume {job.folder}: its resume state holds {len(state.best)} "
+                         "targets, not one (pass --overwrite to start again)")
+    return state, saved
+
+
+def _decode_batch(jobs: list[_Job], decoder: FeatureDecoder, settings: GuidanceSettings,
+                  device: torch.device, args, argv: list[str], stop: "_StopOnSignals",
+                  prefix: str) -> list[dict]:
+    """Decode one batch of targets; write each target's files. → their metrics."""
+    model, extractor = decoder.model, decoder.extractor
     total = settings.total_iterations(model.num_timesteps)
     save_every = args.save_every or max(1, round(0.05 * total))
-    shape = (1, model.channels, args.H // latent_factor, args.W // latent_factor)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    if saved is None:
-        first_argv, options, elapsed_before, resumes = argv, str(args), 0.0, []
-    else:
-        first_argv, options, elapsed_before = saved["argv"], saved["run_options"], saved["elapsed_s"]
-        resumes = [*saved["resumes"], {"at_iteration": state.iterations, "argv": argv}]
+    resumed = jobs[0].state is not None
+    state = stack_states([job.state for job in jobs]) if resumed else None
+    goals = torch.cat([job.goal for job in jobs])
     resume_command = _resume_command(argv)
-    state_path, log_path = folder / STATE_FILE, folder / "log.txt"
-    if saved is not None:
-        _truncate_log(log_path, saved["log_bytes"])
+    books = []   # per target: what the first run recorded (argv, options, time, resumes)
+    for job in jobs:
+        if job.saved is None:
+            books.append({"argv": argv, "options": str(args), "elapsed": 0.0, "resumes": []})
+        else:
+            books.append({"argv": job.saved["argv"], "options": job.saved["run_options"],
+                          "elapsed": job.saved["elapsed_s"],
+                          "resumes": [*job.saved["resumes"], {"at_iteration": job.state.iterations,
+                                                               "argv": argv}]})
+            _truncate_log(job.folder / "log.txt", job.saved["log_bytes"])
+        _save_features(job)
 
-    def reloaded(path: Path) -> dict:
+    def reloaded(path: Path, goal: torch.Tensor) -> dict:
         """What a reader of the saved figure measures: reload the PNG, standard preprocessing."""
         with torch.no_grad():
             features = extractor.image_features(load_target_image(str(path)))
-        return {"squared_distance": float(squared_distance(features, goal)[0]),
-                "cosine": float(torch.nn.functional.cosine_similarity(features, goal)[0])}
+        distance, cosine = decoder.targets.compare(features, goal, args.channels)
+        return {"squared_distance": float(distance[0]), "cosine": float(cosine[0])}
 
-    def best_entry(best: BestImage, path: Path | None) -> dict | None:
+    def best_entry(best: BestImage, path: Path | None, goal: torch.Tensor) -> dict | None:
         if path is None:
             return None
+        distance, _ = decoder.measure(best.image[None], goal) if args.loss != "squared" else (None, None)
         return {"file": path.name, "t": best.t, "rec": best.rec, "bk": best.bk,
-                "squared_distance": best.distance, "cosine": best.cosine,
-                "reloaded_png": reloaded(path)}
+                "loss": best.distance,
+                "squared_distance": best.distance if distance is None else float(distance[0]),
+                "cosine": best.cosine, "reloaded_png": reloaded(path, goal)}
 
-    def metrics_of(finished: bool, iterations: int, guards: int, elapsed: float) -> dict:
+    def metrics_of(b: int, finished: bool, iterations: int, guards: int, elapsed: float) -> dict:
+        job = jobs[b]
         return {
             "finished": finished,
-            "target": {"kind": kind, "source": target},
+            "target": {"kind": job.target.kind, "source": job.target.source, "label": job.target.label},
             "extractor": extractor.name,
-            "feature_dim": int(goal.shape[-1]),
+            "feature_shape": list(job.goal.shape[1:]),
+            "objective": {"loss": args.loss, "channels": args.channels, "spatial": args.spatial},
             "model": {"config": args.config, "ckpt": args.ckpt},
             "settings": asdict(settings),
-            "seed": args.seed, "device": str(device), "image_size": [args.H, args.W],
+            "seed": args.seed, "device": str(device), "precision": args.precision,
+            "image_size": [args.H, args.W], "batch_size": len(jobs),
             "iterations": iterations, "total_iterations": total, "wall_time_s": elapsed,
             "guidance_gradient_guards": guards,
         }
 
-    with open(log_path, "a" if saved is not None else "w", buffering=1, encoding="utf-8") as log_file:
+    with ExitStack() as files:
+        logs = [files.enter_context(open(job.folder / "log.txt", "a" if job.saved else "w",
+                                         buffering=1, encoding="utf-8")) for job in jobs]
+
         def log(b: int, line: str) -> None:
-            log_file.write(line + "\n")
+            logs[b].write(line + "\n")
 
         def save_intermediate(b: int, name: str, image: torch.Tensor) -> None:
-            _save_png(image, folder / name)
+            _save_png(image, jobs[b].folder / name)
+
+        def elapsed(b: int) -> float:
+            return books[b]["elapsed"] + time.perf_counter() - start
 
         def write_state(state: SamplerState, reason: str) -> None:
-            log_file.flush()
-            os.fsync(log_file.fileno())
-            save_state(state_path, state, {
-                "fingerprint": fingerprint, "log_bytes": log_path.stat().st_size, "argv": first_argv,
-                "run_options": options, "elapsed_s": elapsed_before + time.perf_counter() - start,
-                "resumes": resumes, "reason": reason, "total_iterations": total,
-                "resume_command": resume_command})
+            for b, (job, part) in enumerate(zip(jobs, split_state(state))):
+                logs[b].flush()
+                os.fsync(logs[b].fileno())
+                save_state(job.folder / STATE_FILE, part, {
+                    "fingerprint": job.fingerprint, "log_bytes": (job.folder / "log.txt").stat().st_size,
+                    "argv": books[b]["argv"], "run_options": books[b]["options"],
+                    "elapsed_s": elapsed(b), "resumes": books[b]["resumes"], "reason": reason,
+                    "total_iterations": total, "resume_command": resume_command})
 
-        def save_unfinished(state: SamplerState, stopped: dict, log_line: str) -> dict:
-            """State, best image so far, a log line and metrics.json (finished: false)."""
+        def save_unfinished(state: SamplerState, stopped: dict, log_line: str) -> list[dict]:
+            """State, best image so far, a log line and metrics.json (finished: false), per target."""
             write_state(state, stopped["reason"])
-            log_file.write(log_line + "\n")
-            log_file.flush()
-            best = state.best[0]
-            metrics = metrics_of(False, state.iterations, state.guard_events,
-                                 elapsed_before + time.perf_counter() - start)
-            metrics.update({
-                "stopped": {**stopped, "timestep": state.timestep, "self_recurrence": state.j,
-                            "iterations_done": state.iterations},
-                "resume_state": STATE_FILE, "resume_command": resume_command,
-                "best": best_entry(best, _save_best(folder, best)),
-                "versions": _versions(), "argv": first_argv, "resumes": resumes})
-            atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=2))
-            return metrics
+            out = []
+            for b, job in enumerate(jobs):
+                logs[b].write(log_line + "\n")
+                logs[b].flush()
+                best = state.best[b]
+                metrics = metrics_of(b, False, state.iterations, state.guard_events, elapsed(b))
+                metrics.update({
+                    "stopped": {**stopped, "timestep": state.timestep, "self_recurrence": state.j,
+                                "iterations_done": state.iterations},
+                    "resume_state": STATE_FILE, "resume_command": resume_command,
+                    "best": best_entry(best, _save_best(job.folder, best), job.goal),
+                    "versions": _versions(), "argv": books[b]["argv"], "resumes": books[b]["resumes"]})
+                atomic_write_text(job.folder / "metrics.json", json.dumps(metrics, indent=2))
+                out.append(metrics)
+            return out
 
-        verb = "Resuming" if state is not None else "Decoding"
-        print(f"{verb} {kind} target {target!r} with {extractor.name}: {total} guided iterations "
-              f"on {device}; outputs in {folder}")
-        if state is not None:
-            print(f"resuming before timestep {state.timestep}, self-recurrence {state.j} "
+        what = (f"{jobs[0].target.kind} target {jobs[0].target.source!r}" if len(jobs) == 1
+                else f"{len(jobs)} targets")
+        where = jobs[0].folder if len(jobs) == 1 else jobs[0].folder.parent
+        print(f"{prefix}{'Resuming' if resumed else 'Decoding'} {what} with {extractor.name}: "
+              f"{total} guided iterations on {device}; outputs in {where}")
+        if resumed:
+            print(f"{prefix}resuming before timestep {state.timestep}, self-recurrence {state.j} "
                   f"({state.iterations} of {total} iterations done)")
         start = time.perf_counter()
-        stop = _StopOnSignals()
         try:
-            with stop:
-                result = sample_feature_guided(
-                    model, cond, objective, settings, shape, [generator], log=log,
-                    on_intermediate=save_intermediate, log_cosine=extractor.log_cosine,
-                    progress=not args.no_progress, state=state,
-                    on_checkpoint=lambda st: write_state(st, "periodic"),
-                    checkpoint_every=save_every, should_stop=stop)
+            result = decoder.decode_batch(
+                goals, args.H, args.W, [args.seed] * len(jobs), log=log,
+                on_intermediate=save_intermediate, progress=not args.no_progress, state=state,
+                on_checkpoint=lambda st: write_state(st, "periodic"), checkpoint_every=save_every,
+                should_stop=stop)
         except SamplingStopped as stopped:
             name = signal.Signals(stop.signum).name
             at = stopped.state
-            metrics = save_unfinished(at, {"reason": name}, f"Interrupted by {name} before timestep "
-                                      f"{at.timestep}, {at.j}th self-recurrence")
-            best = f"best image so far: {metrics['best']['file']}, " if metrics["best"] else ""
+            saved = save_unfinished(at, {"reason": name}, f"Interrupted by {name} before timestep "
+                                    f"{at.timestep}, {at.j}th self-recurrence")
+            best = (f"best image so far: {saved[0]['best']['file']}, "
+                    if len(jobs) == 1 and saved[0]["best"] else "")
             raise RunStopped(
                 f"stopped by {name} before timestep {at.timestep}, self-recurrence {at.j} "
-                f"({at.iterations} of {total} iterations done). Saved in {folder}: {best}log.txt, "
+                f"({at.iterations} of {total} iterations done). Saved in {where}: {best}log.txt, "
                 f"metrics.json (finished: false) and {STATE_FILE}.\nTo resume:\n  {resume_command}",
                 EXIT_SIGNAL[stop.signum]) from None
         except NumericalFault as fault:
-            metrics = save_unfinished(fault.state, {"reason": "numerical fault", "stage": fault.stage,
-                                                    "message": str(fault)},
-                                      f"Numerical fault: {fault}")
-            best = f"the best image so far ({metrics['best']['file']}), " if metrics["best"] else ""
+            saved = save_unfinished(fault.state, {"reason": "numerical fault", "stage": fault.stage,
+                                                  "message": str(fault)}, f"Numerical fault: {fault}")
+            best = (f"the best image so far ({saved[0]['best']['file']}), "
+                    if len(jobs) == 1 and saved[0]["best"] else "")
             raise RunStopped(
-                f"{fault}. The run was stopped rather than writing images of NaNs; kept in {folder}: "
+                f"{fault}. The run was stopped rather than writing images of NaNs; kept in {where}: "
                 f"{best}log.txt, metrics.json (finished: false) and the resume state of the start "
                 f"of that iteration ({STATE_FILE}; `--resume` recomputes that iteration, so on the "
                 "same device it will most likely fail the same way).", EXIT_NUMERICAL_FAULT) from None
-        elapsed = elapsed_before + time.perf_counter() - start
-        log_file.write(f"Elapsed time = {elapsed} sec\n")
-        log_file.write(f"Run options: {options}\n")
+        for b in range(len(jobs)):
+            logs[b].write(f"Elapsed time = {elapsed(b)} sec\n")
+            logs[b].write(f"Run options: {books[b]['options']}\n")
+        done = [elapsed(b) for b in range(len(jobs))]
 
-    best = result.best[0]
-    final_path = folder / "out_img.png"
-    _save_png(result.final_images[0], final_path)
-    best_path = _save_best(folder, best)
-    metrics = metrics_of(True, result.iterations, result.guard_events, elapsed)
-    metrics.update({
-        "final": {"file": final_path.name,
-                  "squared_distance": float(result.final_distance[0]),
-                  "cosine": float(result.final_cosine[0]),
-                  "reloaded_png": reloaded(final_path)},
-        "best": best_entry(best, best_path),
-        "versions": _versions(),
-        "argv": first_argv,
-        "resumes": resumes,
-    })
-    atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=2))
-    state_path.unlink(missing_ok=True)   # the run is finished: nothing left to resume
-    print(f"final: squared distance {metrics['final']['squared_distance']:.6g}, cosine "
-          f"{metrics['final']['cosine']:.4f} -> {final_path}")
-    print(f"best:  squared distance {best.distance:.6g}, cosine {best.cosine:.4f} -> {best_path}")
-    return metrics
+    out = []
+    squared = None if args.loss == "squared" else decoder.measure(result.final_images, goals)[0]
+    for b, job in enumerate(jobs):
+        best = result.best[b]
+        final_path = job.folder / "out_img.png"
+        _save_png(result.final_images[b], final_path)
+        best_path = _save_best(job.folder, best)
+        metrics = metrics_of(b, True, result.iterations, result.guard_events, done[b])
+        metrics.update({
+            "final": {"file": final_path.name, "loss": float(result.final_distance[b]),
+                      "squared_distance": float((result.final_distance if squared is None else squared)[b]),
+                      "cosine": float(result.final_cosine[b]),
+                      "reloaded_png": reloaded(final_path, job.goal)},
+            "best": best_entry(best, best_path, job.goal),
+            "versions": _versions(),
+            "argv": books[b]["argv"],
+            "resumes": books[b]["resumes"],
+        })
+        atomic_write_text(job.folder / "metrics.json", json.dumps(metrics, indent=2))
+        (job.folder / STATE_FILE).unlink(missing_ok=True)   # finished: nothing left to resume
+        label = "" if len(jobs) == 1 else f"{job.target.label}: "
+        print(f"{prefix}{label}final: squared distance {metrics['final']['squared_distance']:.6g}, "
+              f"cosine {metrics['final']['cosine']:.4f} -> {final_path}")
+        if best_path is not None:
+            print(f"{prefix}{label}best:  squared distance {metrics['best']['squared_distance']:.6g}, "
+                  f"cosine {best.cosine:.4f} -> {best_path}")
+        out.append(metrics)
+    return out
+
+
+def _save_features(job: _Job) -> None:
+    """The target's features, reusable as a target (`--prompt <folder>/target_features.safetensors`)."""
+    path = job.folder / "target_features.safetensors"
+    tmp = temporary_path(path)
+    try:
+        save_file({"features": job.goal[0].detach().float().cpu().contiguous()}, str(tmp),
+                  metadata={"target": json.dumps({"kind": job.target.kind, "source": job.target.source})})
+        commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_index(root: Path, targets: list[Target]) -> None:
+    """index.json of a multi-target run: every target, its folder and its outcome."""
+    entries = []
+    for target in targets:
+        folder = root / target.label
+        status, _ = folder_status(folder) if folder.is_dir() else ("new", "")
+        entry = {"label": target.label, "kind": target.kind, "source": target.source,
+                 "folder": target.label, "status": status}
+        if status == "finished" and (folder / "metrics.json").is_file():
+            try:
+                metrics = json.loads((folder / "metrics.json").read_text())
+                entry["final"] = {k: metrics["final"][k] for k in ("squared_distance", "cosine")}
+            except (ValueError, KeyError, TypeError):
+                pass
+        entries.append(entry)
+    atomic_write_text(root / "index.json", json.dumps({"targets": entries}, indent=2))
 
 
 def _truncate_log(path: Path, length: int) -> None:
@@ -533,26 +782,38 @@ def _truncate_log(path: Path, length: int) -> None:
     os.truncate(path, length)
 
 
-def main(extractor: type[FeatureExtractor] | dict[str, type[FeatureExtractor]], *,
-         description: str | None = None, defaults: dict | None = None, text_only: bool = False,
-         ckpt_hint: str = SD_V14_MISSING_HINT, argv: list[str] | None = None) -> int:
-    """The whole command line of a per-model script. `extractor` is one extractor class, or a
-    dict name → class, which adds an `--extractor` flag choosing among them (the first is the
-    default). → the exit code (0 finished, 2 bad input, 3 numerical fault, 130/143 stopped by
-    SIGINT/SIGTERM with the run saved)."""
+
+def main(extractor: str | type[FeatureExtractor] | dict | None = None, *, description: str | None = None,
+         defaults: dict | None = None, text_only: bool = False, ckpt_hint: str = SD_V14_MISSING_HINT,
+         argv: list[str] | None = None) -> int:
+    """The whole command line of a script. `extractor`: a registry name
+    ("torchvision:resnet50"), an extractor class, a dict name → either (adds an `--extractor`
+    flag choosing among them, the first is the default), or None (adds a required
+    `--extractor` taking any registry name). → the exit code (0 finished, 2 bad input, 3
+    numerical fault, 130/143 stopped by SIGINT/SIGTERM with the run saved)."""
     choices = extractor if isinstance(extractor, dict) else None
-    title = "/".join(choices) if choices else extractor.name
+    if extractor is None:
+        title = "any registered"
+    elif choices:
+        title = "/".join(choices)
+    else:
+        title = extractor if isinstance(extractor, str) else extractor.name
     parser = build_parser(description or f"Decode a {title} feature into images with "
                           "feature-guided latent diffusion.", defaults)
     if choices:
         parser.add_argument("--extractor", choices=list(choices), default=next(iter(choices)),
                             help="target model whose feature is decoded")
+    elif extractor is None:
+        parser.add_argument("--extractor", required=True,
+                            help="target model: library:model[@layer], e.g. torchvision:resnet50, "
+                                 "torchvision:resnet50@layer3, open_clip:RN50, timm:convnext_tiny")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    extractor_cls = choices[args.extractor] if choices else extractor
+    chosen = choices[args.extractor] if choices else (args.extractor if extractor is None else extractor)
     try:
-        run(extractor_cls, args, text_only=text_only, ckpt_hint=ckpt_hint, argv=argv)
-    except (UsageError, FileNotFoundError, CheckpointError, TextTargetNotSupported) as err:
+        run(chosen, args, text_only=text_only, ckpt_hint=ckpt_hint, argv=argv)
+    except (UsageError, FileNotFoundError, CheckpointError, TextTargetNotSupported, ExtractorSpecError,
+            TargetError) as err:
         # Expected user-facing errors (bad flags or inputs, missing or broken weights): no traceback.
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

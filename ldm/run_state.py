@@ -25,6 +25,8 @@ import struct
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
 from ldm.models.diffusion.feature_guidance import BestImage, GuidanceSettings, SamplerState
 
 STATE_FILE = "resume_state.safetensors"
@@ -169,6 +171,39 @@ def load_state(path: Path) -> tuple[SamplerState, dict]:
     return state, run
 
 
+def split_state(state: SamplerState) -> list[SamplerState]:
+    """A batch's state → one state per image (each target's folder keeps its own). The position
+    (k, j, timestep) and the iteration counters are shared by the whole batch."""
+    def row(t, b):
+        return None if t is None else t[b:b + 1].clone()
+
+    return [SamplerState(state.k, state.j, state.timestep, row(state.z, b), row(state.history, b),
+                         state.history_count, [state.best[b]], row(state.best_prev_score, b),
+                         row(state.best_prev_z, b), row(state.do_backward, b), state.iterations,
+                         state.guard_events, [state.generator_states[b]])
+            for b in range(len(state.best))]
+
+
+def position(state: SamplerState) -> tuple[int, int, int, int]:
+    """Where a state stands; states can be batched together only at the same position."""
+    return state.k, state.j, state.iterations, state.history_count
+
+
+def stack_states(states: list[SamplerState]) -> SamplerState:
+    """Per-image states at one position → the batch's state (the inverse of split_state)."""
+    first = states[0]
+    if any(position(s) != position(first) for s in states):
+        raise ValueError("resume states at different positions cannot be batched together")
+    if len({s.best_prev_z is None for s in states}) > 1:
+        raise ValueError("resume states disagree on the z_prev candidate")
+    cat = lambda name: torch.cat([getattr(s, name) for s in states])  # noqa: E731
+    return SamplerState(first.k, first.j, first.timestep, cat("z"), cat("history"),
+                        first.history_count, [b for s in states for b in s.best], cat("best_prev_score"),
+                        None if first.best_prev_z is None else cat("best_prev_z"), cat("do_backward"),
+                        first.iterations, max(s.guard_events for s in states),
+                        [g for s in states for g in s.generator_states])
+
+
 def peek_run(path: Path) -> dict:
     """The `run` dict of a state file plus its sampler position ("sampler"), from its header
     only (one open file: safe while another process replaces the file)."""
@@ -224,7 +259,7 @@ def _entry(value, shown: str | None = None) -> dict:
 
 def run_fingerprint(*, settings: GuidanceSettings, height: int, width: int, seed: int, device: str,
                     target_kind: str, target: str, extractor: str, extractor_weights: str | None,
-                    config: str, ckpt: str) -> dict:
+                    config: str, ckpt: str, files: list[str] = (), options: dict | None = None) -> dict:
     """What must not change between a run and its resumption, field by field. Each entry is
     {"id": what is compared, "shown": how an error message shows it}. `device` is the device
     type ("cpu", "cuda"): generator states do not carry over between types, while another GPU
@@ -237,12 +272,17 @@ def run_fingerprint(*, settings: GuidanceSettings, height: int, width: int, seed
                                                        if isinstance(value, list) else None)
     fp["--H"], fp["--W"], fp["--seed"] = _entry(height), _entry(width), _entry(seed)
     fp["--device"] = _entry(device)
-    if target_kind == "image":
+    if target_kind in ("image", "features"):
         digest = sha256_file(Path(target))
-        fp["the target (--prompt)"] = _entry(["image", digest],
-                                             f"the image {target!r} (sha256 {digest[:12]})")
+        fp["the target (--prompt)"] = _entry([target_kind, digest],
+                                             f"the {target_kind} file {target!r} (sha256 {digest[:12]})")
     else:
-        fp["the target (--prompt)"] = _entry(["text", target], f"the text {target!r}")
+        # Text, or an expression: its text and the contents of the files it reads.
+        digests = [sha256_file(Path(f)) for f in files]
+        fp["the target (--prompt)"] = _entry([target_kind, target, digests], f"the {target_kind} {target!r}"
+                                             + (" (or a file it reads)" if files else ""))
+    for name, value in (options or {}).items():
+        fp[name] = _entry(value)
     fp["the target model"] = _entry(extractor)
     if extractor_weights:
         ident = quick_file_id(Path(extractor_weights))

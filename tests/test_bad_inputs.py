@@ -81,7 +81,7 @@ EARLY = [
     (["--extractor_weights", "{tmp}/nowhere.pth"], "--extractor_weights '{tmp}/nowhere.pth': no such file"),
     # target
     (["--prompt", "{tmp}/missing.png"], "looks like an image path, but no such file exists"),
-    (["--prompt", "{tmp}"], "looks like an image path, but no such file exists"),
+    (["--prompt", "{tmp}"], "half.png' is not a readable image"),   # a folder: its images
     (["--prompt", REPO / "README.md"], "is not a readable image"),
     (["--prompt", "{half_png}"], "is not a readable image"),
     (["--prompt", "a photo of a dog"], "is not an image file, and tiny supports image targets only"),
@@ -230,7 +230,7 @@ def test_odd_images_work_end_to_end(sd_files, tmp_path, capsys, name):
     code, _, err = cli(TinyExtractor, [*args_for(sd_files, tmp_path / "out"), "--prompt", path], capsys)
     assert code == 0, err
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["finished"] is True and metrics["target"] == {"kind": "image", "source": str(path)}
+    assert metrics["finished"] is True and metrics["target"]["kind"] == "image" and metrics["target"]["source"] == str(path)
 
 
 # --- long text prompts ------------------------------------------------------------------------

@@ -102,8 +102,8 @@ def test_resnet50_script(sd_files, weights, tmp_path, capsys):
         sd_files, folder, "--optim_print", "--prompt", REPO / "data/examples/chelsea.jpg",
         "--extractor_weights", weights / "resnet50.safetensors"), capsys)
     assert code == 0, err
-    metrics = check_outputs(folder, with_cosine=False)
-    assert metrics["extractor"] == "resnet50" and metrics["feature_dim"] == 2048
+    metrics = check_outputs(folder, with_cosine=True)
+    assert metrics["extractor"] == "resnet50" and metrics["feature_shape"] == [2048]
     assert "final: squared distance" in out
 
 
@@ -118,14 +118,14 @@ def test_clip_scripts_image_and_text(sd_files, weights, tmp_path, capsys):
         sd_files, tmp_path / "txt", "--prompt", "a red car", *clip_weights), capsys)
     assert code == 0, err
     metrics = check_outputs(tmp_path / "txt", with_cosine=True, printed=False)
-    assert metrics["target"] == {"kind": "text", "source": "a red car"}
+    assert (metrics["target"]["kind"], metrics["target"]["source"]) == ("text", "a red car")
 
     # clip_guided2.py reads --prompt as text even when it names an existing file.
     code, _, err = run_script("clip_guided2.py", common(
         sd_files, tmp_path / "txt2", "--prompt", "data/examples/coffee.jpg", *clip_weights), capsys)
     assert code == 0, err
     metrics = check_outputs(tmp_path / "txt2", with_cosine=True, printed=False)
-    assert metrics["target"]["kind"] == "text" and metrics["feature_dim"] == 1024
+    assert metrics["target"]["kind"] == "text" and metrics["feature_shape"] == [1024]
 
 
 def test_vith14_script_with_a_small_vit(sd_files, tmp_path, capsys, monkeypatch):
@@ -141,7 +141,7 @@ def test_vith14_script_with_a_small_vit(sd_files, tmp_path, capsys, monkeypatch)
         sd_files, tmp_path / "out", "--prompt", REPO / "data/examples/astronaut.jpg",
         "--extractor_weights", tmp_path / "vit.pth"), capsys)
     assert code == 0, err
-    assert check_outputs(tmp_path / "out", with_cosine=False, printed=False)["extractor"] == "vit_h_14"
+    assert check_outputs(tmp_path / "out", with_cosine=True, printed=False)["extractor"] == "vit_h_14"
 
 
 def test_readme_example_adds_a_model(sd_files, tmp_path, capsys):
@@ -160,8 +160,8 @@ def test_readme_example_adds_a_model(sd_files, tmp_path, capsys):
     finally:
         script.unlink()
     assert code == 0, err
-    metrics = check_outputs(tmp_path / "out", with_cosine=False, printed=False)
-    assert metrics["extractor"] == "convnext_tiny" and metrics["feature_dim"] == 768
+    metrics = check_outputs(tmp_path / "out", with_cosine=True, printed=False)
+    assert metrics["extractor"] == "convnext_tiny" and metrics["feature_shape"] == [768]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -137,8 +137,9 @@ def test_class_constants():
     assert ClipRN50Extractor.input_size == 224
     assert ClipRN50Extractor.mean == (0.48145466, 0.4578275, 0.40821073)
     assert ClipRN50Extractor.std == (0.26862954, 0.26130258, 0.27577711)
-    assert ClipRN50Extractor.log_cosine and not ResNet50Extractor.log_cosine
-    assert not VitH14Extractor.log_cosine
+    # every log line carries the cosine similarity, whatever the extractor
+    assert ClipRN50Extractor.log_cosine and ResNet50Extractor.log_cosine
+    assert VitH14Extractor.log_cosine and FeatureExtractor.log_cosine
 
 
 # --- local weights round trip ----------------------------------------------------------------

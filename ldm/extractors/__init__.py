@@ -1,32 +1,25 @@
 """Feature extractors: the vision models whose features are decoded back into images.
 
-    extractor = build_extractor("resnet50")                  # torchvision download cache
-    extractor = build_extractor("clip_rn50", weights="open_clip_model.safetensors", device="cuda")
+    extractor = build_extractor("torchvision:resnet50")          # the paper's; download cache
+    extractor = build_extractor("open_clip:RN50", weights="open_clip_model.safetensors", device="cuda")
+    extractor = build_extractor("timm:convnext_tiny@stages.2", weights="random", spatial=True)
+    extractor = ModuleExtractor(my_module, input_size=128, layer="blocks.3")
+
+Specs are `library:model[@layer]` (see `ldm.extractors.registry`); the old short names
+(resnet50, clip_rn50, vit_h_14, toy_*) stay valid.
 """
-from ldm.extractors.base import FeatureExtractor, TextTargetNotSupported
-from ldm.extractors.clip import ClipRN50Extractor
-from ldm.extractors.torchvision_models import ResNet50Extractor, VitH14Extractor
-from ldm.extractors.toy import TOY_EXTRACTORS
+from ldm.extractors.base import (ExtractorSpecError, FeatureExtractor, TextTargetNotSupported,
+                                 UnknownLayerError)
+from ldm.extractors.clip import ClipRN50Extractor, OpenClipExtractor
+from ldm.extractors.module import ModuleExtractor
+from ldm.extractors.registry import (EXTRACTORS, LIBRARIES, ExtractorSpec, build_extractor,
+                                     list_extractors, list_layers, parse_spec)
+from ldm.extractors.torchvision_models import (ResNet50Extractor, TorchvisionExtractor,
+                                               VitH14Extractor)
 from ldm.extractors.weights import WeightsNotFoundError
 
-EXTRACTORS: dict[str, type[FeatureExtractor]] = {
-    "clip_rn50": ClipRN50Extractor,
-    "resnet50": ResNet50Extractor,
-    "vit_h_14": VitH14Extractor,
-    **TOY_EXTRACTORS,
-}
-
-
-def build_extractor(name: str, **kwargs) -> FeatureExtractor:
-    """`EXTRACTORS[name](**kwargs)` (kwargs: `weights=None`, `device="cpu"`)."""
-    try:
-        cls = EXTRACTORS[name]
-    except KeyError:
-        raise ValueError(f"unknown extractor {name!r}; valid names: "
-                         + ", ".join(sorted(EXTRACTORS))) from None
-    return cls(**kwargs)
-
-
-__all__ = ["EXTRACTORS", "ClipRN50Extractor", "FeatureExtractor",
-           "ResNet50Extractor", "TextTargetNotSupported", "VitH14Extractor",
-           "WeightsNotFoundError", "build_extractor"]
+__all__ = ["EXTRACTORS", "LIBRARIES", "ClipRN50Extractor", "ExtractorSpec", "ExtractorSpecError",
+           "FeatureExtractor", "ModuleExtractor", "OpenClipExtractor", "ResNet50Extractor",
+           "TextTargetNotSupported", "TorchvisionExtractor", "UnknownLayerError",
+           "VitH14Extractor", "WeightsNotFoundError", "build_extractor", "list_extractors",
+           "list_layers", "parse_spec"]

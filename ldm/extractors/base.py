@@ -1,9 +1,15 @@
 """The feature-extractor interface: what the decoder needs to know about a target model.
 
-An extractor maps images to one feature vector per image. It knows nothing about diffusion or
-guidance. Subclasses set the preprocessing constants and implement `encode`; everything else
-(the target transform and the differentiable "virtual save" of generated images) is shared.
+An extractor maps images to features: one vector [B, D] per image by default, or, with a layer
+and `spatial=True`, one map [B, C, H, W]. It knows nothing about diffusion or guidance.
+Subclasses set the preprocessing constants and implement `embed` (the model's default feature);
+the base class adds the rest: reading an intermediate layer (`layer`, see `ldm.extractors.layers`),
+the target transform and the differentiable "virtual save" of generated images.
 """
+from __future__ import annotations
+
+import functools
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -11,9 +17,21 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class TextTargetNotSupported(ValueError):
     pass
+
+
+class ExtractorSpecError(ValueError):
+    """An extractor spec (`library:model[@layer]`), weights tag or option that cannot work; the
+    message says what is valid. The CLI prints these as usage errors."""
+
+
+class UnknownLayerError(ExtractorSpecError):
+    """`@layer` names no submodule of the model; the message lists valid names nearby."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -35,34 +53,96 @@ def round_straight_through(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+class _class_or_instance_method:
+    """Like classmethod, but bound to the instance when called on one."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __get__(self, obj, owner):
+        return functools.partial(self.fn, owner if obj is None else obj)
+
+
 class FeatureExtractor(nn.Module):
-    """Base class. Subclasses set `name`, `input_size`, `mean`, `std` and implement `encode`.
+    """Base class. Subclasses set `name`, `input_size`, `mean`, `std` and implement `embed`
+    (or, for a model without layer support, override `encode` itself).
 
     - `input_size`: side of the square image the model sees (224 for ResNet-50, 518 for ViT-H/14).
+    - `resize_size`, `interpolation`, `resize_mode`: the target transform resizes the shorter
+      side (`"shorter"`) or both sides (`"squash"`) to `resize_size` (None: `input_size`) with
+      `interpolation`, then centre-crops `input_size`.
     - `antialias`: whether the bicubic resize of generated images is antialiased. The reference
       left it to the torchvision default (off up to 0.16, on from 0.17); we choose explicitly.
-    - `log_cosine`: the log lines of this extractor carry the cosine similarity (CLIP scripts).
+    - `log_cosine`: the log lines carry the cosine similarity (on for every extractor).
+    - `layer`, `spatial`: read the output of submodule `layer` (a path in `layer_root()`)
+      instead of `embed`; pooled to [B, C] unless `spatial` (see `ldm.extractors.layers`).
+    - `prefix_tokens`, `class_token`, `channels_last`, `token_grid`: how to read the model's
+      layer outputs: [B, N, C] token sequences start with `prefix_tokens` non-patch tokens
+      (the first of which is a class token if `class_token`), 4-D maps are [B, H, W, C] if
+      `channels_last`, and patch tokens form a `token_grid` (h, w) (None: a square).
     """
 
     name: str = "extractor"
     input_size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize_size: int | None = None
+    interpolation: InterpolationMode = InterpolationMode.BICUBIC
+    resize_mode: str = "shorter"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     antialias: bool = True
-    log_cosine: bool = False
+    log_cosine: bool = True
+    layer: str | None = None
+    spatial: bool = False
+    prefix_tokens: int = 0
+    class_token: bool = False
+    channels_last: bool = False
+    token_grid: tuple[int, int] | None = None
+
+    # --- features ------------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B, 3, S, S] → the model's default feature [B, D] (e.g. the pooled
+        pre-classifier embedding). Runs the forward pass through `layer_root()`."""
+        raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised images [B, 3, S, S] → features [B, D]."""
-        raise NotImplementedError
+        """Normalised images [B, 3, S, S] → features: `embed(x)` [B, D] or, with a layer, its
+        output pooled [B, C] or, if `spatial`, as a map [B, C, H, W]."""
+        if self.layer is None:
+            return self.embed(x)
+        from ldm.extractors.layers import read_layer
+        return read_layer(self, x)
+
+    def layer_root(self) -> nn.Module:
+        """The module whose `named_modules()` names the layers (`@layer` of a spec)."""
+        return self.model
+
+    def set_layer(self, layer: str | None, spatial: bool = False) -> "FeatureExtractor":
+        """Read submodule `layer` instead of the default feature; raises UnknownLayerError
+        (listing valid names nearby) for a name the model does not have."""
+        if layer is None:
+            if spatial:
+                raise ExtractorSpecError(
+                    f"{self.name}: spatial=True needs a layer, whose map is kept: add "
+                    "`@<layer>` to the spec, e.g. torchvision:resnet50@layer4")
+        else:
+            from ldm.extractors.layers import find_layer
+            find_layer(self.layer_root(), layer, self.name)
+        self.layer, self.spatial = layer, spatial
+        return self
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         raise TextTargetNotSupported(
             f"{self.name} only supports image targets: give --prompt a path to an image "
             "(text prompts need a text tower, e.g. scripts/clip_guided2.py)")
 
-    @classmethod
-    def supports_text(cls) -> bool:
-        return cls.encode_text is not FeatureExtractor.encode_text
+    @_class_or_instance_method
+    def supports_text(self_or_cls) -> bool:
+        """Whether text targets work: the class has a text tower (callable on the class) and,
+        on an instance, the feature is the default embedding (a layer's feature is not in the
+        text tower's space)."""
+        cls = self_or_cls if isinstance(self_or_cls, type) else type(self_or_cls)
+        return (cls.encode_text is not FeatureExtractor.encode_text
+                and getattr(self_or_cls, "layer", None) is None)
 
     def freeze(self) -> "FeatureExtractor":
         self.requires_grad_(False)
@@ -73,14 +153,24 @@ class FeatureExtractor(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        tensor = next(iter([*self.parameters(), *self.buffers()]), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    @torch.no_grad()
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one image's feature (without the batch dimension), from one forward pass of
+        a grey `input_size` image: (D,) or, spatial, (C, H, W)."""
+        grey = torch.zeros(1, 3, self.input_size, self.input_size, device=self.device)
+        return tuple(self(grey).shape[1:])
 
     # --- targets ------------------------------------------------------------------------------
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        """PIL target → [1, 3, S, S]: resize the shorter side to S (bicubic), centre crop,
-        RGB, to tensor, normalise (the reference's target transform)."""
+        """PIL target → [1, 3, S, S]: RGB, resize to `resize_size` (see the class doc;
+        the reference's: shorter side to S, bicubic), centre crop S, to tensor, normalise."""
         image = to_rgb(image)
-        image = TF.resize(image, self.input_size, interpolation=InterpolationMode.BICUBIC)
+        size = self.resize_size or self.input_size
+        image = TF.resize(image, [size, size] if self.resize_mode == "squash" else size,
+                          interpolation=self.interpolation)
         image = TF.center_crop(image, self.input_size)
         x = TF.normalize(TF.to_tensor(image), self.mean, self.std)
         return x.unsqueeze(0)
@@ -102,5 +192,5 @@ class FeatureExtractor(nn.Module):
         return TF.normalize(x, self.mean, self.std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Generated images in [-1, 1] → float32 features [B, D]."""
+        """Generated images in [-1, 1] → float32 features [B, D] (or [B, C, H, W])."""
         return self.encode(self.virtual_save(images)).float()

@@ -1,63 +1,140 @@
-"""ResNet-50 and ViT-H/14 from torchvision with their classifier heads removed.
+"""torchvision classification models with their classifier heads removed.
 
-Both take `weights=None` (torchvision's download cache, see `ldm.extractors.weights`) or a local
-file in torchvision's state_dict layout (with or without the head's keys; `.safetensors`,
-`.pth`, `.pt`, `.bin`, `.ckpt`), loaded by the safe loader with strict key checking.
+`TorchvisionExtractor(weights, device, arch="convnext_tiny")` wraps any model of
+`torchvision.models.list_models(module=torchvision.models)`; its feature is the pooled
+pre-classifier embedding (the head, i.e. the last layer with one output per class, is replaced
+by Identity) and its target preprocessing is the weights' own `transforms()`. The paper's
+ResNet-50 and ViT-H/14 are subclasses with fixed weights and preprocessing.
+
+`weights`: None (the default weights: torchvision's download cache, see
+`ldm.extractors.weights`), a tag of the model's weights enum (`"IMAGENET1K_V2"`), "random"
+(random init, nothing read), or a local file in torchvision's state_dict layout (with or without
+the head's keys; `.safetensors`, `.pth`, `.pt`, `.bin`, `.ckpt`), loaded by the safe loader with
+strict key checking.
 """
 from __future__ import annotations
 
+import difflib
 from typing import ClassVar
 
 import torch
+import torchvision
 from torch import nn
 from torchvision.models import ResNet50_Weights, ViT_H_14_Weights, resnet50, vit_h_14
 
-from ldm.checkpoint import load_into
-from ldm.extractors.base import FeatureExtractor
-from ldm.extractors.weights import load_weights_file, resolve, torchvision_source
+from ldm.extractors.base import ExtractorSpecError, FeatureExtractor
+from ldm.extractors.weights import RANDOM, build_model, is_weights_file, torchvision_source
+
+
+def torchvision_models() -> list[str]:
+    """The classification models (not detection, segmentation, video or quantized ones)."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def weights_member(arch: str, tag: str | None):
+    """The WeightsEnum member `tag` of `arch` (None: the enum's DEFAULT)."""
+    enum = torchvision.models.get_model_weights(arch)
+    if tag is None:
+        return enum.DEFAULT
+    try:
+        return enum[tag] if tag != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        raise ExtractorSpecError(
+            f"torchvision:{arch} has no weights {tag!r}; its weights: "
+            f"{', '.join(m.name for m in enum)} (or \"random\", or a local file)") from None
+
+
+def architecture_kwargs(arch: str, member) -> dict:
+    """What torchvision's builder sets itself when given `member` (we build with weights=None
+    and load the state dict ourselves, through the safe loader)."""
+    kwargs = {"num_classes": len(member.meta["categories"])}
+    if arch.startswith("vit_"):
+        kwargs["image_size"] = member.meta["min_size"][0]
+    elif arch == "maxvit_t":
+        kwargs["input_size"] = member.meta["min_size"]
+    elif arch in ("googlenet", "inception_v3"):
+        kwargs.update(transform_input=True, aux_logits=True, init_weights=False)
+    return kwargs
+
+
+def find_head(model: nn.Module, num_classes: int) -> str:
+    """The classifier: the last Linear (or Conv2d, as in SqueezeNet) with one output per class,
+    in registration order (the heads of torchvision's classifiers are registered last)."""
+    heads = [name for name, m in model.named_modules()
+             if (isinstance(m, nn.Linear) and m.out_features == num_classes)
+             or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)]
+    if not heads:
+        raise ExtractorSpecError(f"cannot find the classifier of {type(model).__name__} "
+                                 f"(no layer with {num_classes} outputs)")
+    return heads[-1]
 
 
 class TorchvisionExtractor(FeatureExtractor):
-    """A torchvision classifier whose head (`head`, a submodule path) is replaced by Identity."""
+    """Any torchvision classifier; its head is replaced by Identity."""
 
-    default_weights: ClassVar = None   # a torchvision WeightsEnum member
-    head: ClassVar[str] = ""
+    arch: ClassVar[str] = ""
+    default_weights: ClassVar = None   # the paper classes' WeightsEnum member
+    head: ClassVar[str] = ""           # the paper classes' head; found automatically otherwise
     title: ClassVar[str] = ""
     feature_dim: ClassVar[int] = 0
+    reference_preprocessing: ClassVar[bool] = False  # keep the class's constants
 
-    def __init__(self, weights: str | None = None, device="cpu"):
+    def __init__(self, weights: str | None = None, device="cpu", *, arch: str | None = None,
+                 layer: str | None = None, spatial: bool = False):
         super().__init__()
-        if weights is not None:
-            state_dict = load_weights_file(weights)
-        else:
-            state_dict = resolve(torchvision_source(self.default_weights, self.title))
-        self.model = self._build(state_dict, device)
+        self.arch = arch or self.arch
+        paper = self.default_weights is not None
+        tag = None if weights in (None, RANDOM) or is_weights_file(weights) else str(weights)
+        if paper and tag not in (None, self.default_weights.name):
+            raise ExtractorSpecError(
+                f"{type(self).__name__} uses the paper's weights {self.default_weights.name}; "
+                f"for {tag!r} use build_extractor('torchvision:{self.arch}', weights={tag!r})")
+        member = self.default_weights if paper else weights_member(self.arch, tag)
+        self.title = self.title or f"torchvision {self.arch}"
+        if not paper:
+            self.name = f"torchvision:{self.arch}"
+        kwargs = architecture_kwargs(self.arch, member)
+
+        def check(model: nn.Module):
+            self.model = model  # layer names are checked on the architecture, before loading
+            self.set_layer(layer, spatial)
+
+        self.model = build_model(
+            lambda: self.architecture() if paper else torchvision.models.get_model(
+                self.arch, weights=None, **kwargs),
+            weights, lambda: torchvision_source(member, self.title), device=device, check=check,
+            heads=lambda model: [self.head or find_head(model, kwargs["num_classes"])],
+            expected=f"{self.title} ({type(member).__name__}.{member.name} layout)")
         self.freeze()
+        if not self.reference_preprocessing:
+            self._use_transforms(member)
+        if isinstance(self.model, torchvision.models.VisionTransformer):
+            self.prefix_tokens, self.class_token = 1, True
+        # Swin's stages run channels-last; a hook after its final permute would see [B, C, H, W]
+        self.channels_last = isinstance(self.model, torchvision.models.SwinTransformer)
         self.to(device)
+
+    def _use_transforms(self, member):
+        t = member.transforms()
+        self.input_size, self.resize_size = t.crop_size[0], t.resize_size[0]
+        self.interpolation, self.mean, self.std = t.interpolation, tuple(t.mean), tuple(t.std)
 
     @classmethod
     def architecture(cls) -> nn.Module:
-        """The full torchvision model (with its head), `weights=None`."""
+        """The paper classes' full torchvision model (with its head), `weights=None`."""
         raise NotImplementedError
 
-    def _build(self, state_dict: dict[str, torch.Tensor], device) -> nn.Module:
-        with torch.device("meta"):  # skip the random init: every tensor is loaded below
-            model = self.architecture()
-        own = set(model.state_dict())
-        if any(n not in own for n, _ in [*model.named_parameters(), *model.named_buffers()]):
-            model = self.architecture()  # non-persistent buffers would stay uninitialised
-        else:
-            model.to_empty(device=device)
-        head_keys = [k for k in own if k.startswith(self.head + ".")]
-        if head_keys and not any(k in state_dict for k in head_keys):
-            model.set_submodule(self.head, nn.Identity())  # a file without the head
-        tag = f"{type(self.default_weights).__name__}.{self.default_weights.name}"
-        load_into(model, state_dict, ignorable=(), expected=f"{self.title} ({tag} layout)")
-        model.set_submodule(self.head, nn.Identity())
-        return model
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def unknown_torchvision_model(arch: str) -> ExtractorSpecError:
+    names = torchvision_models()
+    close = difflib.get_close_matches(arch, names, n=6, cutoff=0.5)
+    return ExtractorSpecError(
+        f"torchvision has no classification model {arch!r}"
+        + (f"; close matches: {', '.join(close)}" if close else "")
+        + f" (all {len(names)}: torchvision.models.list_models(module=torchvision.models))")
 
 
 class ResNet50Extractor(TorchvisionExtractor):
@@ -72,11 +149,13 @@ class ResNet50Extractor(TorchvisionExtractor):
     """
 
     name = "resnet50"
+    arch = "resnet50"
     input_size = 224
     default_weights = ResNet50_Weights.IMAGENET1K_V1
     head = "fc"
     title = "torchvision resnet50"
     feature_dim = 2048
+    reference_preprocessing = True
 
     @classmethod
     def architecture(cls) -> nn.Module:
@@ -92,11 +171,14 @@ class VitH14Extractor(TorchvisionExtractor):
     """
 
     name = "vit_h_14"
+    arch = "vit_h_14"
     input_size = 518
     default_weights = ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1
     head = "heads.head"
     title = "torchvision vit_h_14"
     feature_dim = 1280
+    reference_preprocessing = True
+    prefix_tokens, class_token = 1, True
 
     @classmethod
     def architecture(cls) -> nn.Module:

@@ -16,15 +16,16 @@ TOY_MODELS = Path(__file__).resolve().parents[2] / "models" / "toy"
 
 class ToyExtractor(FeatureExtractor):
     """A `ldm.toy.nets.SmallCNN` on 32x32 images. The network normalises its [0, 1] input
-    itself, so the extractor's mean/std are the identity."""
+    itself, so the extractor's mean/std are the identity. Layers name submodules of the network
+    (`body.0`, ...)."""
 
     input_size = 32
     mean = (0.0, 0.0, 0.0)
     std = (1.0, 1.0, 1.0)
-    log_cosine = True
     weights_file: ClassVar[str] = ""
 
-    def __init__(self, weights: str | None = None, device="cpu"):
+    def __init__(self, weights: str | None = None, device="cpu", *, layer: str | None = None,
+                 spatial: bool = False):
         super().__init__()
         path = Path(weights) if weights else TOY_MODELS / self.weights_file
         if not path.is_file():
@@ -32,9 +33,13 @@ class ToyExtractor(FeatureExtractor):
                                     "repository (models/toy/), or rebuild them with "
                                     "`python scripts/train_toy.py --only extractors`")
         self.net = load_net(str(path))
+        self.set_layer(layer, spatial)
         self.freeze().to(device)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def layer_root(self) -> torch.nn.Module:
+        return self.net
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.features(x)
 
 

@@ -206,3 +206,121 @@ def open_clip_source(model_name: str, tag: str) -> WeightsSource:
         f"{open_clip.__version__}, hf-hub:{repo_id})", filename=names[0],
         url=hf_hub_url(repo_id, names[0]), drop_in=drop_dir / names[0],
         cached=cached, download=download, offline=hf_offline, notes=notes)
+
+
+# --- timm -------------------------------------------------------------------------------------
+def timm_source(cfg) -> WeightsSource:
+    """timm pretrained weights, described by a `timm.models.PretrainedCfg` (`model.pretrained_cfg`
+    of a model built with the tag). Hugging Face Hub weights (`hf_hub_id`) are looked for in the
+    Hugging Face cache and the drop-in folder `~/.cache/timm/<hf repo id>/` (model.safetensors,
+    else pytorch_model.bin); URL-only weights in `torch.hub.get_dir()/checkpoints/` as timm
+    caches them."""
+    cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    model = f"timm {cfg.get('architecture')}"
+    tag = f"{cfg.get('architecture')}.{cfg.get('tag')}"
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import hf_hub_download, hf_hub_url, try_to_load_from_cache
+        repo_id = cfg["hf_hub_id"]
+        names = ([cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename")
+                 else ["model.safetensors", "pytorch_model.bin"])
+        drop_dir = Path(os.path.expanduser("~/.cache/timm")) / repo_id
+
+        def cached() -> list[Path]:
+            hits = [try_to_load_from_cache(repo_id, n, cache_dir=hf_hub_cache_dir()) for n in names]
+            return ([Path(h) for h in hits if isinstance(h, str)]
+                    + [drop_dir / n for n in names if (drop_dir / n).is_file()])
+
+        def download():
+            errors = []
+            for name in names:  # the safetensors file first, as timm does
+                try:
+                    return hf_hub_download(repo_id, name, cache_dir=str(hf_hub_cache_dir()))
+                except Exception as e:  # not in this repository: try the next name
+                    errors.append(e)
+            raise errors[0]
+
+        return WeightsSource(
+            model=model, tag=tag, filename=names[0], url=hf_hub_url(repo_id, names[0]),
+            drop_in=drop_dir / names[0], cached=cached, download=download, offline=hf_offline,
+            notes=[f"(also picked up: a copy in the Hugging Face cache {hf_hub_cache_dir()}, e.g. "
+                   f"after `hf download {repo_id} {names[0]}` on a machine with internet)"])
+    if cfg.get("url"):
+        filename = os.path.basename(urlparse(cfg["url"]).path)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        return WeightsSource(
+            model=model, tag=tag, filename=filename, url=cfg["url"], drop_in=path,
+            cached=lambda: _cached_file(path),
+            download=lambda: torch.hub.load_state_dict_from_url(cfg["url"], map_location="cpu",
+                                                                weights_only=True))
+    raise WeightsNotFoundError(f"{model}: timm has no downloadable weights for {tag!r}; pass a "
+                               f"local file: {WEIGHTS_FLAG} PATH")
+
+
+# --- what `weights=` means, and loading it into a model ----------------------------------------
+RANDOM = "random"
+_WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def is_weights_file(weights) -> bool:
+    """A local file (path-like, a path separator, a weights suffix, or an existing file), as
+    opposed to None, "random" or a library's weights tag."""
+    if weights is None:
+        return False
+    if isinstance(weights, os.PathLike):
+        return True
+    text = str(weights)
+    return (os.sep in text or "/" in text or text.lower().endswith(_WEIGHT_SUFFIXES)
+            or os.path.isfile(text))
+
+
+def build_model(factory: Callable[[], torch.nn.Module], weights, source: Callable[[], WeightsSource],
+                *, heads, expected: str, device="cpu", check=None,
+                ignorable=(), filter_fn=None, torchscript_hint: str = "") -> torch.nn.Module:
+    """`factory()` with its weights, its classifier `heads` (submodule paths, or a function of
+    the architecture giving them) replaced by Identity.
+
+    `weights`: None (resolve `source()`: cache, download or WeightsNotFoundError), a local file
+    (safe loader; the file may lack the head's keys), or "random" (factory's own init).
+    `check(model)` runs on the architecture before any weights are read (e.g. a layer name:
+    fail fast, download nothing). `filter_fn(state_dict, model)`, tried when the keys do not
+    fit, converts a checkpoint from the model family's original layout (timm's filters)."""
+    from ldm.checkpoint import CheckpointMismatchError, check_state_dict, load_into
+    try:
+        with torch.device("meta"):  # skip the random init: every tensor is loaded below
+            model = factory()
+    except Exception:  # some inits need real tensors
+        model = factory()
+    if check is not None:
+        check(model)
+    heads = tuple(heads(model) if callable(heads) else heads)
+    if weights == RANDOM:
+        model = factory() if _on_meta(model) else model
+    else:
+        state_dict = (load_weights_file(weights, torchscript_hint) if is_weights_file(weights)
+                      else resolve(source()))
+        own = set(model.state_dict())
+        if _on_meta(model):
+            if any(n not in own for n, _ in [*model.named_parameters(), *model.named_buffers()]):
+                model = factory()  # non-persistent buffers would stay uninitialised
+            else:
+                model.to_empty(device=device)
+        head_keys = [k for k in own if any(k.startswith(h + ".") for h in heads)]
+        if head_keys and not any(k in state_dict for k in head_keys):
+            for head in heads:
+                model.set_submodule(head, torch.nn.Identity())  # a file without the head
+        if filter_fn is not None:
+            try:
+                check_state_dict(model, state_dict, ignorable, expected)
+            except CheckpointMismatchError:
+                try:
+                    state_dict = filter_fn(state_dict, model)
+                except Exception:
+                    pass  # not that layout either: report the keys of the file as it is
+        load_into(model, state_dict, ignorable=ignorable, expected=expected)
+    for head in heads:
+        model.set_submodule(head, torch.nn.Identity())
+    return model.to(device)
+
+
+def _on_meta(model: torch.nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])

@@ -1,0 +1,168 @@
+"""Extractors by name: `library:model[@layer]`.
+
+    torchvision:resnet50           the paper's ResNet-50 (IMAGENET1K_V1, reference preprocessing)
+    torchvision:vit_h_14           the paper's ViT-H/14 (IMAGENET1K_SWAG_E2E_V1, 518 px)
+    open_clip:RN50                 the paper's CLIP RN50 (OpenAI weights; text targets)
+    torchvision:convnext_tiny      any torchvision classification model
+    timm:resnet18, timm:vit_small_patch16_224.augreg_in21k   any timm model [and tag]
+    open_clip:ViT-B-32             any open_clip model
+    toy:shape, toy:colour, toy:all the toy world's extractors
+    torchvision:resnet50@layer3    the output of submodule `layer3` (pooled, or a map if spatial)
+
+Short names from before the registry stay valid: resnet50, vit_h_14, clip_rn50, toy_shape,
+toy_colour, toy_all (with an optional @layer too); an extractor built from one keeps the short
+`name`, any other gets the full spec as its `name`.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+
+from ldm.extractors.base import ExtractorSpecError, FeatureExtractor
+from ldm.extractors.clip import ClipRN50Extractor, OpenClipExtractor
+from ldm.extractors.layers import layer_names
+from ldm.extractors.toy import TOY_EXTRACTORS
+from ldm.extractors.torchvision_models import (ResNet50Extractor, TorchvisionExtractor,
+                                               VitH14Extractor, torchvision_models,
+                                               unknown_torchvision_model)
+from ldm.extractors.weights import RANDOM, is_weights_file
+
+GRAMMAR = "library:model[@layer]"
+LIBRARIES = ("torchvision", "timm", "open_clip", "toy")
+# The paper's models and the weights they were run with: with those (or a file, or "random")
+# a spec builds the paper class; another tag builds the generic extractor with its own transforms.
+PAPER: dict[tuple[str, str], tuple[type[FeatureExtractor], str]] = {
+    ("torchvision", "resnet50"): (ResNet50Extractor, "IMAGENET1K_V1"),
+    ("torchvision", "vit_h_14"): (VitH14Extractor, "IMAGENET1K_SWAG_E2E_V1"),
+    ("open_clip", "RN50"): (ClipRN50Extractor, "openai"),
+}
+ALIASES = {"resnet50": "torchvision:resnet50", "vit_h_14": "torchvision:vit_h_14",
+           "clip_rn50": "open_clip:RN50",
+           **{name: f"toy:{name.removeprefix('toy_')}" for name in TOY_EXTRACTORS}}
+EXTRACTORS: dict[str, type[FeatureExtractor]] = {
+    "clip_rn50": ClipRN50Extractor, "resnet50": ResNet50Extractor, "vit_h_14": VitH14Extractor,
+    **TOY_EXTRACTORS}
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    library: str
+    model: str
+    layer: str | None = None
+    alias: str | None = None  # the short name it was given by, if any
+
+    def __str__(self) -> str:
+        return f"{self.library}:{self.model}" + (f"@{self.layer}" if self.layer else "")
+
+    @property
+    def name(self) -> str:
+        """The extractor's `name`: the short name if given by one, else the full spec."""
+        if self.alias:
+            return self.alias + (f"@{self.layer}" if self.layer else "")
+        return str(self)
+
+    @property
+    def supports_text(self) -> bool:
+        """Text targets work (known without building): open_clip's default feature."""
+        return self.library == "open_clip" and self.layer is None
+
+
+def _spec_error(spec: str, why: str) -> ExtractorSpecError:
+    return ExtractorSpecError(
+        f"extractor {spec!r}: {why}. Expected {GRAMMAR}, e.g. torchvision:resnet50, "
+        f"timm:resnet18@layer2.1, open_clip:RN50; libraries: {', '.join(LIBRARIES)}; short "
+        f"names: {', '.join(sorted(ALIASES))}")
+
+
+def parse_spec(spec: str) -> ExtractorSpec:
+    """`library:model[@layer]` or `short_name[@layer]` → ExtractorSpec (checks the grammar and
+    the library; whether the model and layer exist is checked when building)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise _spec_error(str(spec), "empty")
+    spec = spec.strip()
+    if any(c.isspace() for c in spec) or spec.count("@") > 1:
+        raise _spec_error(spec, "spaces or more than one '@'")
+    head, at, layer = spec.partition("@")
+    if at and not layer:
+        raise _spec_error(spec, "nothing after '@' (a submodule path such as layer3 or blocks.5)")
+    if head in ALIASES:
+        library, _, model = ALIASES[head].partition(":")
+        return ExtractorSpec(library, model, layer or None, alias=head)
+    library, colon, model = head.partition(":")
+    if not colon:
+        close = difflib.get_close_matches(head, list(ALIASES), n=3, cutoff=0.6)
+        raise _spec_error(spec, f"not a short name (close: {', '.join(close)})" if close
+                          else "no 'library:'")
+    normal = library.lower().replace("-", "_")
+    normal = "open_clip" if normal == "openclip" else normal
+    if normal not in LIBRARIES:
+        raise _spec_error(spec, f"unknown library {library!r}")
+    if not model or ":" in model:
+        raise _spec_error(spec, f"bad model name {model!r}")
+    return ExtractorSpec(normal, model, layer or None)
+
+
+def build_extractor(spec: str, *, weights: str | None = None, device="cpu",
+                    spatial: bool = False) -> FeatureExtractor:
+    """The extractor named by `spec` (see the module doc), frozen, in eval mode, on `device`.
+
+    `weights`: None (the library's default weights, the paper's for the paper models: cache,
+    else download, else WeightsNotFoundError saying where to put the file); a tag of the
+    library (torchvision "IMAGENET1K_V2", timm "a1_in1k", open_clip "laion2b_s34b_b79k"); a
+    local file (safe loader, strict keys, with or without the classifier head); or "random":
+    random initialisation, nothing read or downloaded (tests, timing).
+    `spatial`: with a layer, keep its map [B, C, H, W] instead of pooling to [B, C].
+    Spec, tag or layer mistakes raise ExtractorSpecError (UnknownLayerError for layers) before
+    any weights are read."""
+    parsed = parse_spec(spec)
+    kwargs = dict(device=device, layer=parsed.layer, spatial=spatial)
+    tag = None if weights in (None, RANDOM) or is_weights_file(weights) else str(weights)
+    paper, paper_tag = PAPER.get((parsed.library, parsed.model), (None, None))
+    if paper is not None and tag in (None, paper_tag):
+        extractor = paper(weights, **kwargs)
+    elif parsed.library == "torchvision":
+        if parsed.model not in torchvision_models():
+            raise unknown_torchvision_model(parsed.model)
+        extractor = TorchvisionExtractor(weights, arch=parsed.model, **kwargs)
+    elif parsed.library == "timm":
+        from ldm.extractors.timm_models import TimmExtractor
+        extractor = TimmExtractor(parsed.model, weights, **kwargs)
+    elif parsed.library == "open_clip":
+        extractor = OpenClipExtractor(parsed.model, weights, **kwargs)
+    else:
+        toy = TOY_EXTRACTORS.get(f"toy_{parsed.model}")
+        if toy is None:
+            raise _spec_error(spec, "the toy extractors are " + ", ".join(list_extractors("toy")))
+        extractor = toy(weights, **kwargs)
+    extractor.name = parsed.name
+    return extractor
+
+
+def list_extractors(library: str | None = None) -> list[str]:
+    """Without `library`: the short names and the named entries (paper and toy models); with
+    one: every model spec of that library (timm: ~1300 architectures, each takes a tag)."""
+    if library is None:
+        return [*ALIASES, *ALIASES.values()]
+    if library == "torchvision":
+        return [f"torchvision:{m}" for m in torchvision_models()]
+    if library == "timm":
+        import timm
+        return [f"timm:{m}" for m in timm.list_models()]
+    if library == "open_clip":
+        import open_clip
+        return [f"open_clip:{m}" for m in open_clip.list_models()]
+    if library == "toy":
+        return [ALIASES[n] for n in TOY_EXTRACTORS]
+    raise ExtractorSpecError(f"unknown library {library!r}; libraries: {', '.join(LIBRARIES)}")
+
+
+def list_layers(spec: str) -> list[str]:
+    """Every layer name `spec` accepts after '@' (built on the meta device: nothing loaded)."""
+    parsed = parse_spec(spec)
+    if parsed.library == "toy":
+        return layer_names(build_extractor(str(parsed).partition("@")[0]).layer_root())
+    with torch.device("meta"):
+        extractor = build_extractor(str(parsed).partition("@")[0], weights=RANDOM, device="meta")
+    return layer_names(extractor.layer_root())
