@@ -284,9 +284,11 @@ def run_fingerprint(*, settings: GuidanceSettings, height: int, width: int, seed
     for name, value in (options or {}).items():
         fp[name] = _entry(value)
     fp["the target model"] = _entry(extractor)
-    if extractor_weights:
+    if extractor_weights and Path(extractor_weights).is_file():
         ident = quick_file_id(Path(extractor_weights))
         fp["--extractor_weights"] = _entry(ident, f"{extractor_weights!r} ({ident})")
+    elif extractor_weights:   # a tag of the library, or "random"
+        fp["--extractor_weights"] = _entry(extractor_weights)
     else:
         fp["--extractor_weights"] = _entry(None, "the library's default weights")
     digest = sha256_file(Path(config))

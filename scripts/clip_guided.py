@@ -9,8 +9,7 @@ embedding), as in the reference script.
 """
 import sys
 
-from ldm.extractors import ClipRN50Extractor
 from ldm.guided_run import main
 
 if __name__ == "__main__":
-    sys.exit(main(ClipRN50Extractor))
+    sys.exit(main("open_clip:RN50"))

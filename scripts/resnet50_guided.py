@@ -6,8 +6,7 @@
 """
 import sys
 
-from ldm.extractors import ResNet50Extractor
 from ldm.guided_run import main
 
 if __name__ == "__main__":
-    sys.exit(main(ResNet50Extractor))
+    sys.exit(main("torchvision:resnet50"))

@@ -6,8 +6,7 @@
 """
 import sys
 
-from ldm.extractors import VitH14Extractor
 from ldm.guided_run import main
 
 if __name__ == "__main__":
-    sys.exit(main(VitH14Extractor))
+    sys.exit(main("torchvision:vit_h_14"))

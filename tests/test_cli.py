@@ -103,7 +103,7 @@ def test_resnet50_script(sd_files, weights, tmp_path, capsys):
         "--extractor_weights", weights / "resnet50.safetensors"), capsys)
     assert code == 0, err
     metrics = check_outputs(folder, with_cosine=True)
-    assert metrics["extractor"] == "resnet50" and metrics["feature_shape"] == [2048]
+    assert metrics["extractor"] == "torchvision:resnet50" and metrics["feature_shape"] == [2048]
     assert "final: squared distance" in out
 
 
@@ -141,7 +141,7 @@ def test_vith14_script_with_a_small_vit(sd_files, tmp_path, capsys, monkeypatch)
         sd_files, tmp_path / "out", "--prompt", REPO / "data/examples/astronaut.jpg",
         "--extractor_weights", tmp_path / "vit.pth"), capsys)
     assert code == 0, err
-    assert check_outputs(tmp_path / "out", with_cosine=True, printed=False)["extractor"] == "vit_h_14"
+    assert check_outputs(tmp_path / "out", with_cosine=True, printed=False)["extractor"] == "torchvision:vit_h_14"
 
 
 def test_readme_example_adds_a_model(sd_files, tmp_path, capsys):
@@ -195,3 +195,41 @@ def test_finished_run_is_not_overwritten(sd_files, weights, tmp_path, capsys):
     code, _, err = run_script("resnet50_guided.py", [*args, "--overwrite"], capsys)
     assert code == 0, err
     assert json.loads((folder / "metrics.json").read_text())["finished"] is True
+
+
+# --- any model, any layer: scripts/feature_guided.py -------------------------------------------
+def test_timm_model_through_the_registry(sd_files, tmp_path, capsys):
+    code, out, err = run_script("feature_guided.py", common(
+        sd_files, tmp_path / "timm", "--extractor", "timm:test_resnet", "--extractor_weights", "random",
+        "--prompt", REPO / "data/examples/coffee.jpg"), capsys)
+    assert code == 0, err
+    metrics = check_outputs(tmp_path / "timm", with_cosine=True, printed=False)
+    assert metrics["extractor"] == "timm:test_resnet" and len(metrics["feature_shape"]) == 1
+
+
+def test_torchvision_intermediate_layer_pooled_and_spatial(sd_files, weights, tmp_path, capsys):
+    resnet = ["--extractor_weights", weights / "resnet50.safetensors", "--prompt", REPO / "data/examples/chelsea.jpg"]
+    code, _, err = run_script("resnet50_guided.py", common(sd_files, tmp_path / "pooled", *resnet,
+                                                          "--layer", "layer3"), capsys)
+    assert code == 0, err
+    metrics = check_outputs(tmp_path / "pooled", with_cosine=True, printed=False)
+    assert metrics["extractor"].endswith("@layer3") and metrics["feature_shape"] == [1024]
+    code, _, err = run_script("feature_guided.py", common(
+        sd_files, tmp_path / "spatial", "--extractor", "torchvision:resnet18@layer2", "--spatial",
+        "--extractor_weights", "random", "--channels", "0:32", "--prompt", REPO / "data/examples/chelsea.jpg"),
+        capsys)
+    assert code == 0, err
+    metrics = check_outputs(tmp_path / "spatial", with_cosine=True, printed=False)
+    assert metrics["feature_shape"] == [128, 28, 28] and metrics["objective"]["spatial"] is True
+
+
+@pytest.mark.parametrize("extractor, message", [
+    ("torchvision:resnet18@layer5", "layer1, layer2, layer3, layer4"),
+    ("torchvision:resnet18@layer3.9", "layer3.0, layer3.1"),
+    ("nolib:resnet18", "torchvision"),
+    ("torchvision:resnet_18", "resnet18"),
+])
+def test_registry_errors_name_the_valid_choices(sd_files, tmp_path, capsys, extractor, message):
+    code, _, err = run_script("feature_guided.py", common(
+        sd_files, tmp_path / "out", "--extractor", extractor, "--extractor_weights", "random"), capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err, err

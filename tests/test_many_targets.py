@@ -338,3 +338,21 @@ def test_batch_equals_alone_in_float64():
             assert torch.allclose(distances[b], distance[0], atol=1e-9, rtol=0)
     finally:
         torch.set_default_dtype(default)
+
+
+def test_python_api_takes_any_module_with_a_preprocessing():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, stride=2), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    seen = []
+
+    def preprocess(x):   # images in [0, 1], differentiable
+        seen.append(x.shape)
+        return (x - 0.5) / 0.5
+
+    settings = GuidanceSettings(forward_guidance=True, forward_guidance_wt=2.0, num_steps=(2, 1),
+                                early_emp_end=15, timesteps=4)
+    results = decode(str(IMAGES[2]), net, preprocess=preprocess, model=tiny_model(T), settings=settings,
+                     height=16, width=16, device="cpu", progress=False)
+    assert len(results) == 1 and results[0].features.shape == (1, 6)
+    assert results[0].final.shape == (3, 16, 16) and seen
+    assert not any(p.requires_grad for p in net.parameters())     # frozen
