@@ -508,7 +508,7 @@ def _run_jobs(jobs: list[_Job], single: bool, make_extractor, name: str, setting
     try:
         for job in jobs:
             if args.resume and job.status == "interrupted":
-                job.state, job.saved = _load_resume_state(job)
+                job.state, job.saved = _load_resume_state(job, single)
         torch.manual_seed(args.seed)
         # The diffusion model first: a broken checkpoint fails before anything else is built.
         model = load_model(args.config, args.ckpt, device, missing_hint=ckpt_hint)
@@ -555,7 +555,7 @@ def _run_jobs(jobs: list[_Job], single: bool, make_extractor, name: str, setting
     return metrics
 
 
-def _load_resume_state(job: _Job) -> tuple[SamplerState, dict]:
+def _load_resume_state(job: _Job, single: bool) -> tuple[SamplerState, dict]:
     try:
         state, saved = load_state(job.folder / STATE_FILE)
     except RunStateError as err:
@@ -563,7 +563,7 @@ def _load_resume_state(job: _Job) -> tuple[SamplerState, dict]:
                          "again)") from err
     differences = fingerprint_differences(saved["fingerprint"], job.fingerprint)
     if differences:
-        where = "" if job.folder.name == "" else f" ({job.folder})"
+        where = "" if single else f" {job.folder}"
         raise UsageError(f"cannot resume{where}: " + "; ".join(differences) + " (resume with the "
                          "original flags, or pass --overwrite instead of --resume to start again)")
     if len(state.best) != 1:
