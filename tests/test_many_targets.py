@@ -283,15 +283,14 @@ def test_torchrun_shards_targets_over_two_gloo_processes(sd_files, alone, tmp_pa
 
 
 # --- the sampler: a batch mate's content never matters ------------------------------------------
-def test_batch_mates_never_change_a_targets_result():
-    """Same batch size, other targets beside it or another position in the batch: bit for bit
-    the same result (every statistic is per image; each image has its own generator). Only the
-    batch size may change float rounding (batched kernels), tested above with a tolerance."""
+def guided_finals(dtype=torch.float32, n_goals=5):
+    """→ final(rows): sample the goals of `rows` in one batch (w = 4, clipping, K = 3, z_prev
+    selection), every image seeded 42; → (final images, final distances, best records)."""
     from ldm.models.diffusion.feature_guidance import sample_feature_guided
     from ldm.objectives import FeatureDistance
 
-    model, extractor = tiny_model(T), TinyExtractor()
-    goals = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    model, extractor = tiny_model(T).to(dtype), TinyExtractor().to(dtype)
+    goals = torch.randn(n_goals, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
     settings = GuidanceSettings(forward_guidance=True, forward_guidance_wt=4.0, grad_clip_threshold=3.0,
                                 num_steps=(3, 1), early_emp_end=15, timesteps=8, select_prev=True)
     cond = model.get_learned_conditioning([""])
@@ -300,40 +299,33 @@ def test_batch_mates_never_change_a_targets_result():
         generators = [torch.Generator().manual_seed(42) for _ in rows]
         result = sample_feature_guided(model, cond, FeatureDistance(extractor, goals[rows]), settings,
                                        (len(rows), 4, 8, 8), generators, progress=False)
-        return result.final_images, result.best
+        return result.final_images, result.final_distance, result.best
+    return final
 
-    a, best_a = final([0, 1, 2])
-    b, best_b = final([0, 3, 4])
-    c, best_c = final([2, 1, 0])
+
+def test_batch_mates_never_change_a_targets_result():
+    """Same batch size, other targets beside it or another position in the batch: bit for bit
+    the same result (every statistic is per image; each image has its own generator). Only the
+    batch size may change float rounding (batched kernels), tested above with a tolerance."""
+    final = guided_finals()
+    a, _, best_a = final([0, 1, 2])
+    b, _, best_b = final([0, 3, 4])
+    c, _, best_c = final([2, 1, 0])
     assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[2]) and torch.equal(a[2], c[0])
     assert best_a[0].score == best_b[0].score == best_c[2].score
 
 
 def test_batch_equals_alone_in_float64():
-    """A whole guided run (w = 4, clipping, K = 3, z_prev selection): batch of 3 vs each alone.
-    In float32 the batch size changes kernel rounding, which guidance amplifies; in float64 the
-    runs agree to 1e-9, so nothing but rounding depends on the batch."""
-    from ldm.models.diffusion.feature_guidance import sample_feature_guided
-    from ldm.objectives import FeatureDistance
-
+    """Batch of 3 vs each alone. In float32 the batch size changes kernel rounding, which
+    guidance amplifies; in float64 the runs agree to 1e-9: nothing but rounding depends on the
+    batch."""
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(torch.float64)   # the sampler's noise follows the default dtype
     try:
-        model, extractor = tiny_model(T).double(), TinyExtractor().double()
-        goals = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
-        settings = GuidanceSettings(forward_guidance=True, forward_guidance_wt=4.0, grad_clip_threshold=3.0,
-                                    num_steps=(3, 1), early_emp_end=15, timesteps=8, select_prev=True)
-        cond = model.get_learned_conditioning([""])
-
-        def final(rows):
-            generators = [torch.Generator().manual_seed(42) for _ in rows]
-            result = sample_feature_guided(model, cond, FeatureDistance(extractor, goals[rows]), settings,
-                                           (len(rows), 4, 8, 8), generators, progress=False)
-            return result.final_images, result.final_distance
-
-        batch, distances = final([0, 1, 2])
+        final = guided_finals(torch.float64, n_goals=3)
+        batch, distances, _ = final([0, 1, 2])
         for b in range(3):
-            alone, distance = final([b])
+            alone, distance, _ = final([b])
             assert torch.allclose(batch[b], alone[0], atol=1e-9, rtol=0)
             assert torch.allclose(distances[b], distance[0], atol=1e-9, rtol=0)
     finally:

@@ -28,10 +28,10 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (stable under autocast)."""
+    """GroupNorm computed in float32 (or float64) whatever the input dtype (stable under autocast)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(x if x.dtype == torch.float64 else x.float()).type(x.dtype)
 
 
 def normalization(channels: int) -> nn.Module:
