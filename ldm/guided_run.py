@@ -42,7 +42,7 @@ from torchvision.utils import save_image
 
 from ldm.api import PRECISIONS, FeatureDecoder, TargetFeatures, load_image
 from ldm.checkpoint import CheckpointError, CheckpointNotFoundError
-from ldm.extractors import build_extractor
+from ldm.extractors import build_extractor, parse_spec
 from ldm.extractors.base import ExtractorSpecError, FeatureExtractor, TextTargetNotSupported
 from ldm.models.diffusion.feature_guidance import (BestImage, GuidanceSettings, NumericalFault,
                                                    SamplerState, SamplingStopped)
@@ -371,20 +371,29 @@ class _Job:
     created: bool = False
 
 
-def _extractor_source(extractor, args) -> tuple[str, Callable[[torch.device], FeatureExtractor], type | None]:
-    """→ (name, build(device), class or None) for a registry name or an extractor class."""
+def _extractor_source(extractor, args) -> tuple[str, Callable[[torch.device], FeatureExtractor], object]:
+    """→ (name, build(device), the class or the parsed name) for a registry name or a class."""
     if isinstance(extractor, str):
         spec = extractor
         if args.layer:
             if "@" in spec:
                 raise UsageError(f"--layer {args.layer!r}: the extractor {spec!r} already names a layer")
             spec = f"{spec}@{args.layer}"
+        _check_spec(spec, args.spatial)
         return spec, lambda device: build_extractor(spec, weights=args.extractor_weights, device=device,
-                                                    spatial=args.spatial), None
+                                                    spatial=args.spatial), parse_spec(spec)
     if args.layer or args.spatial:
         raise UsageError(f"--layer/--spatial need an extractor from the registry; {extractor.name} is a "
                          "fixed class (use scripts/feature_guided.py --extractor <library:model@layer>)")
     return extractor.name, lambda device: extractor(weights=args.extractor_weights, device=device), extractor
+
+
+def _check_spec(spec: str, spatial: bool) -> None:
+    """Model and layer names, checked on the meta device before anything is read or loaded."""
+    if parse_spec(spec).library == "toy":
+        return   # small, and built from shipped files only
+    with torch.device("meta"):
+        build_extractor(spec, weights="random", device="meta", spatial=spatial)
 
 
 def _target_list(args, text_only: bool) -> list[Target]:
@@ -449,10 +458,10 @@ def run(extractor, args, *, text_only: bool = False, ckpt_hint: str = SD_V14_MIS
     except ValueError as err:
         raise UsageError(str(err)) from err
     device = pick_device(shard.device(args.device))
-    name, make_extractor, extractor_cls = _extractor_source(extractor, args)
+    name, make_extractor, source = _extractor_source(extractor, args)
     targets = _target_list(args, text_only)
     wants_text = any(kind == "text" for t in targets for kind, _ in t.leaves())
-    if wants_text and extractor_cls is not None and not extractor_cls.supports_text():
+    if wants_text and not _supports_text(source):
         raise UsageError(_text_refusal(targets, name))
     config = load_config(args.config)
     ddconfig = config.model.params.first_stage_config.params.ddconfig
@@ -479,6 +488,11 @@ def run(extractor, args, *, text_only: bool = False, ckpt_hint: str = SD_V14_MIS
         return metrics
     finally:
         leave_group(created_group)
+
+
+def _supports_text(source) -> bool:
+    """An extractor class, or a parsed registry name, takes text targets."""
+    return source.supports_text() if isinstance(source, type) else source.supports_text
 
 
 def _text_refusal(targets: list[Target], name: str) -> str:
