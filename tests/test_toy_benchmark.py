@@ -72,3 +72,31 @@ def test_guidance_beats_the_unguided_baseline_on_encoded_attributes(results):
                             ("toy_all", "shape_acc"), ("toy_all", "colour_acc")):
         gain = guided(results, name)[attribute] - unguided(results, name)[attribute]
         assert gain >= GAIN_OVER_UNGUIDED, (name, attribute, gain)
+
+
+def test_sweep_plumbing(tmp_path, capsys):
+    """--sweep on a tiny grid: one row per (N, K) plus the unguided baseline, the iteration
+    counts of the respaced schedules, the same targets everywhere; a rerun into the same folder
+    only runs the settings it lacks; another target count is refused."""
+    bench = load_benchmark()
+    common = ["--sweep", "--n", "2", "--timesteps", "3", "--sweep_extractors", "toy_shape", "--out", str(tmp_path)]
+    assert bench.main(common + ["--sweep_timesteps", "4", "--sweep_num_steps", "1", "2 1"]) == 0
+    assert {"sweep.json", "sweep.md", "sweep.png"} <= {p.name for p in tmp_path.iterdir()}
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    rows = {(r["timesteps"], tuple(r["num_steps"]), r["guided"]): r for r in sweep["runs"]}
+    # E = 900 is a timestep index: of the 4 timesteps 999, 666, 333, 0 only 999 gets the early K.
+    assert {key: r["iterations"] for key, r in rows.items()} == {
+        (4, (1,), True): 4, (4, (2, 1), True): 5, (3, (1,), False): 3}
+    for r in rows.values():
+        assert r["extractor"] == "toy_shape" and len(r["cosines"]) == 2
+        assert 0 <= r["frac_cosine_goal"] <= 1 and 0 <= r["shape_acc"] <= 1 and r["seconds"] >= 0
+    assert "| toy_shape | 4 | 2,1 | 5 |" in (tmp_path / "sweep.md").read_text()
+    capsys.readouterr()
+
+    assert bench.main(common + ["--sweep_timesteps", "4", "2", "--sweep_num_steps", "1"]) == 0
+    assert "1 settings to run (2 already in" in capsys.readouterr().out
+    again = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(again["runs"]) == 4
+    assert [r for r in again["runs"] if r["timesteps"] == 4 and r["num_steps"] == [2, 1]] == \
+        [rows[(4, (2, 1), True)]]
+    assert bench.main(["--sweep", "--n", "3", "--out", str(tmp_path)]) == 2
