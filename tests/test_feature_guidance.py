@@ -412,3 +412,25 @@ def test_non_finite_gradient_is_a_fault(model, cond, where):
         run(net, cond, objective, forward_guidance=True)
     assert fault.value.stage == "guidance gradient" and fault.value.timestep == T - 1
     assert "guidance gradient at timestep 19, self-recurrence 0" in str(fault.value)
+
+
+def test_forward_guidance_syncs_only_to_log(model, cond, objective, monkeypatch):
+    """Checks are resolved with the log lines' host transfer: two per guided iteration (the
+    scores before and after guidance) and one at the end; no `.item()` anywhere."""
+    from ldm.models.diffusion import feature_guidance as fg
+
+    transfers, flush = [], fg._DeviceChecks.flush
+
+    def counting(self, *values):
+        if self.pending or values:
+            transfers.append(len(values))
+        return flush(self, *values)
+
+    def no_item(self):
+        raise AssertionError("Tensor.item() in the sampler's loop")
+
+    monkeypatch.setattr(fg._DeviceChecks, "flush", counting)
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    result, lines = run(model, cond, objective, forward_guidance=True, num_steps=(2,))
+    assert len(transfers) == 2 * result.iterations + 1
+    assert transfers.count(2) == 2 * result.iterations   # distance and cosine of each score

@@ -32,9 +32,17 @@ Numerical faults: a NaN or inf in the UNet's noise prediction, a feature distanc
 gradient or the latent raises `NumericalFault`, which names the timestep and the stage and
 carries the state at the start of the faulty iteration. An all-zero guidance gradient is not a
 fault: that step is taken without guidance and logged (see `rescale_to_noise_norm`).
+
+Precision: `precision="bf16"` or `"fp16"` runs the UNet, the first-stage decoder and the
+objective (the extractor) under autocast; their outputs are cast back to float32, so the
+latent, the distance, the gradient rescaling and clipping and the latent update stay float32.
+"fp32" (the default) runs everything in float32, as the reference did. Under fp16 the loss of
+each image is scaled to `FP16_LOSS_SCALE` before the backward pass, so that the gradient does
+not underflow to zero in float16; the per-image rescaling to ‖ε‖ makes the scale irrelevant.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,6 +180,64 @@ class NumericalFault(ArithmeticError):
         self.state = state
 
 
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP16_LOSS_SCALE = 2.0 ** 10   # each image's loss is scaled to this before an fp16 backward
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision name (None for fp32: no autocast)."""
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise ValueError(f"unknown precision {precision!r}; choose one of "
+                         + ", ".join(PRECISIONS)) from None
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The autocast context of `precision` on `device` (a no-op context for fp32)."""
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    if not torch.amp.is_autocast_available(device_type):
+        raise ValueError(f"precision {precision!r}: autocast is not available on {device_type}")
+    return torch.autocast(device_type, dtype=dtype)
+
+
+class _MixedPrecision:
+    """The model's UNet and decoder, and the objective, under autocast with float32 outputs;
+    everything else is the wrapped model's."""
+
+    def __init__(self, model, objective: Objective, precision: str, device: torch.device):
+        self._model, self._objective = model, objective
+        self._precision, self._device = precision, device
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def apply_model(self, z_t, t, cond):
+        with autocast(self._precision, self._device):
+            return self._model.apply_model(z_t, t, cond).float()
+
+    def decode_first_stage(self, z):
+        with autocast(self._precision, self._device):
+            return self._model.decode_first_stage(z).float()
+
+    def objective(self, images):
+        with autocast(self._precision, self._device):
+            dist, cos = self._objective(images)
+        return dist.float(), cos.float()
+
+
+def _guidance_loss(dist: torch.Tensor, precision: str) -> torch.Tensor:
+    """The scalar whose gradient guides: −Σ dist. Under fp16 each image's term is scaled to
+    FP16_LOSS_SCALE (a per-image constant, which the rescaling to ‖ε‖ cancels)."""
+    if precision != "fp16":
+        return -dist.sum()
+    scale = FP16_LOSS_SCALE / dist.detach().abs().clamp_min(torch.finfo(torch.float32).tiny)
+    return -(dist * scale).sum()
+
+
 def _fmt_rec(rec: float) -> str:
     return str(int(rec)) if float(rec).is_integer() else str(rec)
 
@@ -202,27 +268,69 @@ def clip_to_std(grad: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.minimum(torch.maximum(grad, low), high)
 
 
+class _DeviceChecks:
+    """The inner loop's finiteness checks (and host reads such as the guard mask), gathered on
+    the device and resolved together at the next host transfer, which logging needs anyway:
+    one device-host sync per evaluation instead of one per check. Each check remembers where
+    it was made (timestep, recurrence, the state at the start of that iteration), so a fault
+    reports the place an immediate check would have; checks are resolved in the order made."""
+
+    def __init__(self):
+        self.pending: list[tuple] = []   # (stage or callback, where, tensor)
+        self.where: tuple | None = None  # (timestep, recurrence, state) of the current iteration
+
+    def check(self, x: torch.Tensor, stage: str) -> None:
+        """A NaN or inf in any image of x (first dimension: batch) is a fault of `stage`."""
+        self.pending.append((stage, self.where, torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)))
+
+    def on_host(self, callback: Callable[[torch.Tensor], None], x: torch.Tensor) -> None:
+        """`callback(x on the host)` at the next flush, after the checks made before it."""
+        self.pending.append((callback, None, x))
+
+    def flush(self, *values: torch.Tensor) -> list[torch.Tensor]:
+        """Resolve everything pending (NumericalFault at the first failed check) and return
+        `values` on the host (float64, exact for float32), all in one transfer."""
+        pending, self.pending = self.pending, []
+        tensors = [x for _, _, x in pending] + list(values)
+        if not tensors:
+            return []
+        flat = torch.cat([x.detach().reshape(-1).to(torch.float64) for x in tensors]).cpu()
+        host = [part.reshape(x.shape) for part, x in
+                zip(flat.split([x.numel() for x in tensors]), tensors)]
+        for (what, where, _), x in zip(pending, host):
+            if callable(what):
+                what(x)
+            elif not bool(x.all()):
+                timestep, recurrence, state = where
+                raise NumericalFault(what, timestep, recurrence,
+                                     (x == 0).nonzero().flatten().tolist(), state)
+        return host[len(pending):]
+
+
 class _Scorer:
     """Scores decoded images with the objective, writes the log lines and keeps the best image
     per target (the reference's `check_image`)."""
 
-    def __init__(self, objective: Objective, batch: int, log: LogFn | None, log_cosine: bool):
+    def __init__(self, objective: Objective, batch: int, log: LogFn | None, log_cosine: bool,
+                 checks: _DeviceChecks):
         self.objective = objective
         self.best = [BestImage() for _ in range(batch)]
         self.log = log or (lambda b, line: None)
         self.log_cosine = log_cosine
-        self.last = None  # (images, distance, cosine) of the latest evaluation
+        self.checks = checks
+        self.last = None       # (images, distance, cosine) of the latest evaluation
+        self.last_host = None  # (distances, cosines) of the latest evaluation, as lists
 
     def line(self, label: str, dist: float, cos: float) -> str:
         text = f"{label} -> xy_dists:{dist}"
         return text + f", xy_cossim:{cos}" if self.log_cosine else text
 
-    def record(self, images, dist, cos, t, rec, bk=-1, backward=False):
-        """Log and track the scores of already-evaluated images."""
+    def record(self, images, dist: list[float], cos: list[float], t, rec, bk=-1, backward=False):
+        """Log and track the scores (host values) of already-evaluated images."""
         label = f"{t}th timestep, {_fmt_rec(rec)}th self-recurrence"
         if backward:
             label += f", {bk}th backward iteration"
-        for b, (d, c) in enumerate(zip(dist.tolist(), cos.tolist())):
+        for b, (d, c) in enumerate(zip(dist, cos)):
             self.log(b, self.line(label, d, c))
             best = self.best[b]
             if -d > best.score:
@@ -231,27 +339,17 @@ class _Scorer:
 
     def score(self, images, t, rec, bk=-1, backward=False, grad=False):
         """Evaluate the objective (with or without a graph), log and track; → (dist, cos).
-        A non-finite distance raises `_NonFinite` before anything is logged or kept."""
+        The pending checks and a non-finite distance raise `NumericalFault` before anything
+        is logged or kept; this is the evaluation's one device-host sync."""
         with torch.set_grad_enabled(grad):
             dist, cos = self.objective(images)
-        _check_finite(dist.detach(), "feature distance (target model features)" + (
+        self.checks.check(dist.detach(), "feature distance (target model features)" + (
             ", backward guidance" if backward else ""))
-        self.record(images, dist.detach(), cos, t, rec, bk, backward)
-        self.last = (images.detach(), dist.detach(), cos)
+        dist_host, cos_host = (x.tolist() for x in self.checks.flush(dist, cos))
+        self.record(images, dist_host, cos_host, t, rec, bk, backward)
+        self.last = (images.detach(), dist.detach(), cos.detach())
+        self.last_host = (dist_host, cos_host)
         return dist, cos
-
-
-class _NonFinite(Exception):
-    def __init__(self, stage: str, images: list[int]):
-        super().__init__(stage)
-        self.stage, self.images = stage, images
-
-
-def _check_finite(x: torch.Tensor, stage: str) -> None:
-    """Raise `_NonFinite(stage, [bad batch entries])` if x holds a NaN or inf."""
-    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-    if not bool(finite.all()):
-        raise _NonFinite(stage, (~finite).nonzero().flatten().tolist())
 
 
 def sample_feature_guided(
@@ -270,6 +368,7 @@ def sample_feature_guided(
     on_checkpoint: Callable[[SamplerState], None] | None = None,
     checkpoint_every: int = 0,
     should_stop: Callable[[], bool] | None = None,
+    precision: str = "fp32",
 ) -> GuidedResult:
     """Run the guided reverse process for a batch of `shape[0]` independent targets.
 
@@ -281,9 +380,16 @@ def sample_feature_guided(
     `on_checkpoint(state)`: called at the iteration boundaries where the number of iterations
     done is a positive multiple of `checkpoint_every` (not after the last iteration).
     `should_stop()`: polled at every iteration boundary; True raises `SamplingStopped`.
+    `precision`: "fp32" (default, the reference's numbers), "bf16" or "fp16" (autocast for the
+    UNet, the decoder and the objective; see the module docstring).
     Raises `NumericalFault` on a NaN or inf (see the module docstring).
     """
     device = model.betas.device
+    if autocast_dtype(precision) is not None:
+        with autocast(precision, device):  # fails early where autocast is unavailable
+            pass
+        model = _MixedPrecision(model, objective, precision, device)
+        objective = model.objective
     batch = shape[0]
     if len(generators) != batch:
         raise ValueError(f"need one generator per image: {len(generators)} for a batch of {batch}")
@@ -292,13 +398,15 @@ def sample_feature_guided(
     s = settings
     log_fn = log or (lambda b, line: None)
     save = on_intermediate or (lambda b, name, image: None)
-    scorer = _Scorer(objective, batch, log, log_cosine)
+    checks = _DeviceChecks()
+    scorer = _Scorer(objective, batch, log, log_cosine, checks)
     T = model.num_timesteps
 
     def randn() -> torch.Tensor:
         return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generators])
 
     def save_all(name: str, images: torch.Tensor) -> None:
+        checks.flush()  # no image is saved from a faulty iteration
         for b in range(batch):
             save(b, name, images[b])
 
@@ -330,62 +438,69 @@ def sample_feature_guided(
                             do_backward.clone(), iterations, guard_events,
                             [g.get_state() for g in generators])
 
+    def count_guard(i: int, j: int, bad: torch.Tensor) -> None:
+        nonlocal guard_events
+        if bad.any():
+            guard_events += 1
+            for b in bad.nonzero().flatten().tolist():
+                log_fn(b, f"{i}th timestep, {j}th self-recurrence: guidance gradient is "
+                          "zero (or its norm overflows); this step is taken without guidance")
+
     bar = tqdm(total=len(timesteps), initial=k0, desc="guided sampling", disable=not progress,
                dynamic_ncols=True)
-    for k in range(k0, len(timesteps)):
-        i = timesteps[k]
-        # i_prev: the next (less noisy) timestep visited; -1 after the last one.
-        i_prev = timesteps[k + 1] if k + 1 < len(timesteps) else -1
-        t = torch.full((batch,), i, device=device, dtype=torch.long)
-        beta = _step_beta(model, i, i_prev)
-        # Intermediate images every `print_every` visited timesteps (every 10th timestep and the
-        # first one, as in the reference, for the full schedule).
-        countdown = len(timesteps) - 1 - k
-        print_now = s.save_intermediates and countdown % s.print_every == 0
-        K = s.recurrences(i)
-        j_start = j0 if k == k0 else 0
-        if j_start == 0:
-            best_prev_score = torch.full((batch,), -math.inf, device=device)
-            best_prev_z = None
-            # The backward-guidance gate is evaluated once per timestep, as in the reference.
-            do_backward = s.backward_guidance & (-history.mean(dim=1) < s.avg_sim_to_start_backward)
-        for j in range(j_start, K):
-            # Iteration boundary: the state is complete here.
-            here = snapshot(k, j)
-            if (on_checkpoint is not None and checkpoint_every > 0 and iterations > 0
-                    and iterations % checkpoint_every == 0 and (k, j) != (k0, j0)):
-                on_checkpoint(here)
-            if should_stop is not None and should_stop():
-                bar.close()
-                raise SamplingStopped(here)
-            iterations += 1
-            try:
+    try:
+        for k in range(k0, len(timesteps)):
+            i = timesteps[k]
+            # i_prev: the next (less noisy) timestep visited; -1 after the last one.
+            i_prev = timesteps[k + 1] if k + 1 < len(timesteps) else -1
+            t = torch.full((batch,), i, device=device, dtype=torch.long)
+            beta = _step_beta(model, i, i_prev)
+            # Intermediate images every `print_every` visited timesteps (every 10th timestep and
+            # the first one, as in the reference, for the full schedule).
+            countdown = len(timesteps) - 1 - k
+            print_now = s.save_intermediates and countdown % s.print_every == 0
+            K = s.recurrences(i)
+            j_start = j0 if k == k0 else 0
+            if j_start == 0:
+                best_prev_score = torch.full((batch,), -math.inf, device=device)
+                best_prev_z = None
+                # The backward-guidance gate is evaluated once per timestep, as in the reference.
+                do_backward = s.backward_guidance & (-history.mean(dim=1) < s.avg_sim_to_start_backward)
+            backward_now = s.backward_guidance and bool(do_backward.any())  # once per timestep
+            for j in range(j_start, K):
+                # Iteration boundary: the state is complete here.
+                here = snapshot(k, j)
+                if (on_checkpoint is not None and checkpoint_every > 0 and iterations > 0
+                        and iterations % checkpoint_every == 0 and (k, j) != (k0, j0)):
+                    checks.flush()  # a checkpoint never holds a faulty latent
+                    on_checkpoint(here)
+                if should_stop is not None and should_stop():
+                    checks.flush()
+                    raise SamplingStopped(here)
+                checks.where = (i, j, here)
+                iterations += 1
                 if s.forward_guidance:
                     z_in = z.detach().requires_grad_(True)
                     with torch.enable_grad():
                         eps = model.apply_model(z_in, t, cond)
-                        _check_finite(eps.detach(), "noise prediction (UNet output)")
+                        checks.check(eps.detach(), "noise prediction (UNet output)")
                         x = model.decode_first_stage(model.predict_start_from_noise(z_in, t, eps))
                         if j == 0 and (print_now or (s.save_intermediates and k == 0)):
                             save_all(f"original_guidance_{i}_{j}.png", x.detach())
                         dist, _ = scorer.score(x, i, j, grad=True)
-                        (grad,) = torch.autograd.grad(-dist.sum(), z_in)
+                        (grad,) = torch.autograd.grad(_guidance_loss(dist, precision), z_in)
                     history[:, history_count % s.sim_queue_size] = -dist.detach()
                     history_count += 1
                     eps = eps.detach()
                     # Any NaN or inf in the gradient is a fault; an all-zero gradient (a flat
                     # objective) is guarded: this step is taken without guidance.
-                    _check_finite(grad, "guidance gradient")
+                    checks.check(grad, "guidance gradient")
                     grad, bad = rescale_to_noise_norm(grad, eps)
-                    if bad.any():
-                        guard_events += 1
-                        for b in bad.nonzero().flatten().tolist():
-                            log_fn(b, f"{i}th timestep, {j}th self-recurrence: guidance gradient is "
-                                      "zero (or its norm overflows); this step is taken without guidance")
+                    checks.on_host(lambda bad, i=i, j=j: count_guard(i, j, bad), bad)
                     grad = clip_to_std(grad, s.grad_clip_threshold)
                     with torch.no_grad():
                         z0 = model.predict_start_from_noise(z, t, eps - s.forward_guidance_wt * grad)
-                        _check_finite(z0, "guided latent estimate z0")
+                        checks.check(z0, "guided latent estimate z0")
                         x = model.decode_first_stage(z0)
                     if print_now and j == 0:
                         save_all(f"guidance_3_{i}_{j}.png", x)
@@ -393,14 +508,14 @@ def sample_feature_guided(
                 else:
                     with torch.no_grad():
                         eps = model.apply_model(z, t, cond)
-                        _check_finite(eps, "noise prediction (UNet output)")
+                        checks.check(eps, "noise prediction (UNet output)")
                         z0 = model.predict_start_from_noise(z, t, eps)
                         x = model.decode_first_stage(z0)
                     if print_now:
                         save_all(f"original_guidance_{i}_{j}.png", x)
                     scorer.score(x, i, j)  # the reference scores nothing here; we track the best anyway
 
-                if do_backward.any():
+                if backward_now:
                     z0, x = _backward_guidance(model, scorer, z0, do_backward, s, i, j)
                     if print_now and j == 0:
                         save_all(f"guidance_2_{i}_b.png", x)
@@ -412,45 +527,55 @@ def sample_feature_guided(
                                   / (1 - beta).sqrt() + beta.sqrt() * randn())
                     else:
                         z_prev = z0
-                    _check_finite(z_prev, "latent")
+                    checks.check(z_prev, "latent")
                     if s.select_prev and i_prev >= 0:
-                        t_prev = torch.full_like(t, i_prev)
-                        x_prev = model.decode_first_stage(model.predict_start_from_noise(
-                            z_prev, t_prev, model.apply_model(z_prev, t_prev, cond)))
-                        dist_prev, cos_prev = objective(x_prev)
-                        _check_finite(dist_prev, "feature distance (target model features) of the "
-                                                 "z_prev candidate")
-                        better = -dist_prev > best_prev_score
-                        for b in range(batch):
-                            label = f"{i}th timestep, {j}th self-recurrence (z_prev)"
-                            log_fn(b, scorer.line(label, dist_prev[b].item(), cos_prev[b].item()))
-                            if better[b]:
-                                log_fn(b, f"!!! Found a better z_prev ({best_prev_score[b].item()} -> "
-                                          f"{-dist_prev[b].item()})")
-                        best_prev_score = torch.where(better, -dist_prev, best_prev_score)
-                        best_prev_z = z_prev if best_prev_z is None else torch.where(
-                            _per_image(better), z_prev, best_prev_z)
+                        best_prev_score, best_prev_z = _select_prev(
+                            model, objective, scorer, checks, z_prev, t, i, i_prev, j, cond,
+                            best_prev_score, best_prev_z, log_fn)
                     if j != K - 1:
                         z = (1 - beta).sqrt() * z_prev + beta.sqrt() * randn()
-                        _check_finite(z, "latent")
+                        checks.check(z, "latent")
                     else:
                         z = best_prev_z if best_prev_z is not None else z_prev
-            except _NonFinite as fault:
-                bar.close()
-                raise NumericalFault(fault.stage, i, j, fault.images, here) from None
-        bar.update(1)
-        if progress:
-            bar.set_postfix(dist=f"{scorer.last[1].mean().item():.4g}",
-                            best=f"{min(b.distance for b in scorer.best):.4g}", refresh=False)
-    bar.close()
+                # The latent checks of this iteration are resolved with the next evaluation.
+            bar.update(1)
+            if progress:
+                dists = scorer.last_host[0]
+                bar.set_postfix(dist=f"{sum(dists) / len(dists):.4g}",
+                                best=f"{min(b.distance for b in scorer.best):.4g}", refresh=False)
+        checks.flush()  # the last iteration's latent checks
+    finally:
+        bar.close()
 
     # The last evaluation scored D(ẑ0) of the final iteration (i = 0, j = K−1), which is the
     # output: the reference decodes and scores it a second time, with the same result.
     final_images, final_dist, final_cos = scorer.last
-    for b in range(batch):
-        log_fn(b, scorer.line("-1th timestep (FINAL)", final_dist[b].item(), final_cos[b].item()))
+    for b, (d, c) in enumerate(zip(*scorer.last_host)):
+        log_fn(b, scorer.line("-1th timestep (FINAL)", d, c))
     return GuidedResult(final_images, final_dist.detach(), final_cos.detach(), scorer.best,
                         iterations, guard_events)
+
+
+def _select_prev(model, objective, scorer, checks, z_prev, t, i, i_prev, j, cond,
+                 best_prev_score, best_prev_z, log_fn):
+    """Score the z_prev candidate (decode its x̂0 at i_prev) and keep the best per image
+    (`--optim_select_prev`). → (best_prev_score, best_prev_z)."""
+    t_prev = torch.full_like(t, i_prev)
+    x_prev = model.decode_first_stage(model.predict_start_from_noise(
+        z_prev, t_prev, model.apply_model(z_prev, t_prev, cond)))
+    dist_prev, cos_prev = objective(x_prev)
+    checks.check(dist_prev, "feature distance (target model features) of the z_prev candidate")
+    better = -dist_prev > best_prev_score
+    d_host, c_host, old_host, better_host = (
+        x.tolist() for x in checks.flush(dist_prev, cos_prev, best_prev_score, better))
+    for b in range(len(d_host)):
+        label = f"{i}th timestep, {j}th self-recurrence (z_prev)"
+        log_fn(b, scorer.line(label, d_host[b], c_host[b]))
+        if better_host[b]:
+            log_fn(b, f"!!! Found a better z_prev ({old_host[b]} -> {-d_host[b]})")
+    best_prev_score = torch.where(better, -dist_prev, best_prev_score)
+    best_prev_z = z_prev if best_prev_z is None else torch.where(_per_image(better), z_prev, best_prev_z)
+    return best_prev_score, best_prev_z
 
 
 def _check_state(state: SamplerState, s: GuidanceSettings, timesteps: list[int], shape) -> None:

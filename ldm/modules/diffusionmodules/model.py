@@ -2,14 +2,20 @@
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import maybe_checkpoint
+
 
 def Normalize(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
+    """Pre-norm residual block. `use_checkpoint`: recompute it in the backward pass instead of
+    keeping its activations (off by default; `ldm.performance.prepare(grad_checkpoint=True)`)."""
+
     def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
         super().__init__()
+        self.use_checkpoint = False
         out_channels = out_channels or in_channels
         self.norm1 = Normalize(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -20,6 +26,9 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
+        return maybe_checkpoint(self._forward, x, enabled=self.use_checkpoint)
+
+    def _forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         if hasattr(self, "nin_shortcut"):
@@ -28,10 +37,12 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels, with 1x1-conv projections."""
+    """Single-head self-attention over all pixels, with 1x1-conv projections (`use_checkpoint`
+    as in ResnetBlock)."""
 
     def __init__(self, channels: int):
         super().__init__()
+        self.use_checkpoint = False
         self.norm = Normalize(channels)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
@@ -39,6 +50,9 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x):
+        return maybe_checkpoint(self._forward, x, enabled=self.use_checkpoint)
+
+    def _forward(self, x):
         b, c, h, w = x.shape
         hn = self.norm(x)
         q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q(hn), self.k(hn), self.v(hn)))
