@@ -9,9 +9,8 @@ text here, even when it looks like a file name.
 """
 import sys
 
-from ldm.extractors import ClipRN50Extractor
 from ldm.guided_run import main
 
 if __name__ == "__main__":
-    sys.exit(main(ClipRN50Extractor, text_only=True,
+    sys.exit(main("open_clip:RN50", text_only=True,
                   defaults={"prompt": "A black motorbike parked on the dry ground"}))

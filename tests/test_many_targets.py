@@ -179,12 +179,13 @@ def test_feature_file_and_arithmetic_targets(sd_files, alone, tmp_path, capsys):
     assert code == 2 and "the extractor's features have shape (1, 8)" in err
 
 
-def test_cosine_loss_and_channel_subset_run(sd_files, tmp_path, capsys):
+def test_cosine_loss_channel_subset_and_bf16_run(sd_files, tmp_path, capsys):
     code, _, err = cli(args_for(sd_files, tmp_path / "cos", IMAGES[0],
-                                extra=["--loss", "cosine", "--channels", "0:4"]), capsys)
+                                extra=["--loss", "cosine", "--channels", "0:4", "--precision", "bf16"]), capsys)
     assert code == 0, err
     metrics = json.loads((tmp_path / "cos" / "metrics.json").read_text())
     assert metrics["objective"] == {"loss": "cosine", "channels": "0:4", "spatial": False}
+    assert metrics["precision"] == "bf16"
     final = metrics["final"]
     assert final["loss"] == pytest.approx(1 - final["cosine"], abs=1e-5)
     assert final["squared_distance"] >= 0
