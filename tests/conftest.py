@@ -16,3 +16,15 @@ def sd_v1_config_path() -> Path:
 def tiny_config_path() -> Path:
     """Same classes and key layout as SD v1, small widths (fast on CPU)."""
     return REPO_ROOT / "configs" / "tiny" / "sd-v1-tiny.yaml"
+
+
+@pytest.fixture
+def empty_caches(monkeypatch, tmp_path):
+    """Every cache directory points into tmp_path; the Hugging Face Hub is off."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path

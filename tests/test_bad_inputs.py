@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
@@ -19,7 +18,7 @@ import ldm.models.loading as loading
 from ldm.extractors.base import FeatureExtractor, to_rgb
 from ldm.extractors.clip import ClipRN50Extractor
 from ldm.guided_run import load_target_image, main
-from tiny_models import TinyExtractor, tiny_config, tiny_model
+from tiny_models import TinyExtractor, tiny_config, write_tiny_sd
 
 REPO = Path(__file__).resolve().parents[1]
 T = 20
@@ -28,10 +27,7 @@ TARGET = REPO / "data/examples/chelsea.jpg"
 
 @pytest.fixture(scope="module")
 def sd_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd")
-    OmegaConf.save(tiny_config(T), folder / "tiny.yaml")
-    torch.save({"state_dict": tiny_model(T).state_dict()}, folder / "tiny.ckpt")
-    return folder
+    return write_tiny_sd(tmp_path_factory.mktemp("sd"), T)
 
 
 def args_for(sd_files, folder, *extra) -> list[str]:

@@ -340,18 +340,6 @@ def test_torchscript_rn50_is_refused_with_advice(tmp_path):
 
 # --- caches and the offline failure -------------------------------------------------------------
 @pytest.fixture
-def empty_caches(monkeypatch, tmp_path):
-    """Every cache directory points into tmp_path; the Hugging Face Hub is off."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
-
-
-@pytest.fixture
 def no_download(monkeypatch):
     """The probe gets 'connection refused' from a local port; a download would fail the test."""
     real_probe = W.probe

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 import ldm.guided_run as guided_run
@@ -22,7 +21,7 @@ from ldm.api import decode
 from ldm.guided_run import main
 from ldm.models.diffusion.feature_guidance import GuidanceSettings
 from ldm.sharding import Shard, current_shard
-from tiny_models import TinyExtractor, tiny_config, tiny_model
+from tiny_models import TinyExtractor, tiny_model, write_tiny_sd
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -36,10 +35,7 @@ FLAGS = ["--optim_forward_guidance", "--optim_forward_guidance_wt", "4", "--opti
 
 @pytest.fixture(scope="module")
 def sd_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd")
-    OmegaConf.save(tiny_config(T), folder / "tiny.yaml")
-    torch.save({"state_dict": tiny_model(T).state_dict()}, folder / "tiny.ckpt")
-    return folder
+    return write_tiny_sd(tmp_path_factory.mktemp("sd"), T)
 
 
 def args_for(sd_files, folder, *prompts, extra=()):

@@ -143,17 +143,11 @@ def test_spatial_needs_a_layer():
 
 
 @pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """Empty caches, the Hugging Face Hub off, and any probe gets 'connection refused'."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def offline(empty_caches, monkeypatch):
+    """Empty caches (conftest), the Hugging Face Hub off, and any probe gets 'connection refused'."""
     real_probe = W.probe
     monkeypatch.setattr(W, "probe", lambda url, timeout=None: real_probe("http://127.0.0.1:9/x", 2))
-    return tmp_path
+    return empty_caches
 
 
 def test_default_and_tagged_weights_offline_fail_fast(offline):

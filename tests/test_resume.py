@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 import ldm.guided_run as guided_run
 from ldm.guided_run import main
 from ldm.run_state import STATE_FILE, atomic_write_bytes, peek_run
-from tiny_models import TinyExtractor, tiny_config, tiny_model
+from tiny_models import TinyExtractor, tiny_config, tiny_model, write_tiny_sd
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -47,9 +47,7 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def sd_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd")
-    OmegaConf.save(tiny_config(T), folder / "tiny.yaml")
-    torch.save({"state_dict": tiny_model(T).state_dict()}, folder / "tiny.ckpt")
+    folder = write_tiny_sd(tmp_path_factory.mktemp("sd"), T)
     (folder / "tiny_guided.py").write_text(RUNNER)
     return folder
 

@@ -44,3 +44,10 @@ class TinyExtractor(FeatureExtractor):
 
     def encode(self, x):
         return self.net(x)
+
+
+def write_tiny_sd(folder, timesteps: int = 20):
+    """tiny.yaml and tiny.ckpt (a Lightning-style {"state_dict": ...}) in `folder`; → folder."""
+    OmegaConf.save(tiny_config(timesteps), folder / "tiny.yaml")
+    torch.save({"state_dict": tiny_model(timesteps).state_dict()}, folder / "tiny.ckpt")
+    return folder
