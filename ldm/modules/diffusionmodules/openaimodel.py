@@ -1,9 +1,9 @@
 """The SD v1 denoising UNet (ε-prediction), with the CompVis module tree and state_dict keys."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules.model import Upsample   # the same 2x nearest + conv as the VAE's
 from ldm.modules.diffusionmodules.util import (maybe_checkpoint, normalization, timestep_embedding,
                                                zero_module)
 
@@ -29,15 +29,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class ResBlock(nn.Module):
