@@ -91,10 +91,8 @@ class TargetFeatures:
     def feature_shape(self) -> tuple[int, ...]:
         """The extractor's feature shape without the batch dimension (one forward pass, once)."""
         if self._feature_shape is None:
-            size = self.extractor.input_size
-            probe = torch.zeros(1, 3, size, size, device=self.device)   # a grey image in [-1, 1]
             with torch.no_grad():
-                self._feature_shape = tuple(self.extractor(probe).shape[1:])
+                self._feature_shape = self.extractor.feature_shape()
         return self._feature_shape
 
     def _leaf(self, kind: str, source: str) -> torch.Tensor:

@@ -481,7 +481,7 @@ def run(extractor, args, *, text_only: bool = False, ckpt_hint: str = SD_V14_MIS
             print(f"{prefix}skipping {len(skipped)} finished target(s) in {root} (pass --overwrite to "
                   f"decode them again): {', '.join(skipped)}")
         metrics = _run_jobs(jobs, len(targets) == 1, make_extractor, name, settings, device, args,
-                            argv, ckpt_hint, wants_text, prefix)
+                            argv, ckpt_hint, prefix)
         barrier(shard)
         if len(targets) > 1 and shard.rank == 0:
             _write_index(root, targets)
@@ -502,7 +502,7 @@ def _text_refusal(targets: list[Target], name: str) -> str:
 
 
 def _run_jobs(jobs: list[_Job], single: bool, make_extractor, name: str, settings: GuidanceSettings,
-              device: torch.device, args, argv: list[str], ckpt_hint: str, wants_text: bool,
+              device: torch.device, args, argv: list[str], ckpt_hint: str,
               prefix: str) -> list[dict]:
     if not jobs:
         print(f"{prefix}nothing to decode")
@@ -526,9 +526,7 @@ def _run_jobs(jobs: list[_Job], single: bool, make_extractor, name: str, setting
         torch.manual_seed(args.seed)
         # The diffusion model first: a broken checkpoint fails before anything else is built.
         model = load_model(args.config, args.ckpt, device, missing_hint=ckpt_hint)
-        extractor = make_extractor(device)
-        if wants_text and not extractor.supports_text():
-            raise UsageError(_text_refusal([j.target for j in jobs], name))
+        extractor = make_extractor(device)   # text support was checked before anything loaded
         targets = TargetFeatures(extractor)
         for job in jobs:
             with warnings.catch_warnings(record=True) as caught, torch.no_grad():
