@@ -29,13 +29,7 @@ from ldm.objectives import FeatureDistance, squared_distance
 SMALL_VIT_DIM = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CPU is shared: OpenMP threads competing for 2 cores make convolutions ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ MODELS = os.path.join(ROOT, "models", "toy")
 TEST_SEED = 4242  # not used by any training / evaluation split
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
