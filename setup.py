@@ -1,7 +1,9 @@
 from setuptools import find_packages, setup
 
-# Pinned to versions that install and import together on CPU-only machines
-# (torchvision 0.29.1 needs torch >= 2.14; see README "Installation").
+# Pinned to versions that install and import together on CPU-only machines (torchvision 0.29.1
+# needs torch >= 2.14, so pip takes PyPI's CUDA build of torch, which runs on the CPU too; see
+# docs/installation.md). environment.yaml and the Dockerfile install this package, so these pins
+# are the only ones.
 INSTALL_REQUIRES = [
     "torch==2.15.0",
     "torchvision==0.29.1",
@@ -15,6 +17,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "timm==1.0.31",
     "matplotlib==3.11.2",
+    "pytorch-lightning==2.6.6",   # training of the trained (FeatInv) decoder
 ]
 
 setup(

@@ -1,13 +1,13 @@
 """Figures of guided-decoding runs (`scripts/make_figure.py`).
 
-- **Finding runs**: `find_run_folders` walks run folders or parent folders (an `--optim_folder`
-  of a multi-target run, a sharded study's tree) and returns every folder that holds a
-  `metrics.json` or a `log.txt`; `collect_runs` loads the finished ones.
+Runs are found and read through ldm/run_folder (`find_run_folders`, `collect_runs`: run
+folders or parent folders, in index.json order), their scores through ldm/scorelog.
+
 - **Mosaics** (`run_mosaic`, paper style): one row per target, the target in the first column,
   then for each model (or label) a final | best column pair under the model's name, each image
   captioned "cos 0.987 / d 12.3" (cosine similarity and squared distance of its feature to the
   target feature).
-- **Score curves** (`parse_log`, `plot_log`): the squared distance and the cosine similarity
+- **Score curves** (`read_log`, `plot_log`): the squared distance and the cosine similarity
   logged at each timestep, from the noisiest to the cleanest, one or several runs overlaid.
 
 Bad input (a missing path, no finished run, an unreadable metrics.json, a log without scores)
@@ -15,20 +15,21 @@ raises `FigureError`, whose message names the problem and the fix.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ldm.errors import InputError
+from ldm.scorelog import Score, read_scores
+
 IMAGE_COLUMNS = ("final", "best")
-LOG_KINDS = ("estimate", "guided", "backward", "z_prev")
+LOG_KINDS = ("estimate", "guided", "backward", "z_prev")   # curves: stages, the backward ones together
 PDF_DPI = 100
 
 _BACKGROUND = "white"
@@ -36,122 +37,8 @@ _PLACEHOLDER = (208, 208, 208)
 _TEXT_CELL = (240, 240, 240)
 
 
-class FigureError(ValueError):
+class FigureError(InputError):
     """Bad input for a figure: the message names the problem and the fix."""
-
-
-# --------------------------------------------------------------------------- finding runs
-
-def find_run_folders(paths: Iterable[str | Path]) -> list[Path]:
-    """Every folder holding a `metrics.json` or a `log.txt` at or under each path: the paths in
-    the order given; under each, subfolders in the order of the folder's `index.json` (a
-    multi-target run lists its targets in --prompt order) and by name otherwise. A path may also
-    name a run's `metrics.json` or `log.txt` file."""
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise FigureError(f"{path} does not exist: pass run folders (each with metrics.json and "
-                              "log.txt) or folders holding them")
-        if path.is_file():
-            if path.name not in ("metrics.json", "log.txt"):
-                raise FigureError(f"{path} is a file, not a run folder: pass the folder holding "
-                                  "metrics.json and log.txt (or a folder of such folders)")
-            folders = [path.parent]
-        else:
-            folders = _walk(path)
-            if not folders:
-                raise FigureError(f"no run folder under {path}: a run folder holds metrics.json and "
-                                  "log.txt (the --optim_folder of a guided run)")
-        found.extend(f for f in folders if f not in found)
-    return found
-
-
-def _is_run_folder(folder: Path) -> bool:
-    return (folder / "metrics.json").is_file() or (folder / "log.txt").is_file()
-
-
-def _walk(folder: Path) -> list[Path]:
-    """Run folders at or under `folder` (symbolic links to folders are not followed)."""
-    found = [folder] if _is_run_folder(folder) else []
-    try:
-        children = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()]
-    except OSError as err:
-        raise FigureError(f"cannot list {folder} ({err.strerror or err}): check its permissions") from None
-    order = _index_order(folder)
-    children.sort(key=lambda p: (order.get(p.name, len(order)), p.name))
-    for child in children:
-        found.extend(_walk(child))
-    return found
-
-
-def _index_order(folder: Path) -> dict[str, int]:
-    """Subfolder name -> position in the folder's index.json (empty without a readable one)."""
-    try:
-        targets = json.loads((folder / "index.json").read_text(encoding="utf-8"))["targets"]
-        return {str(t["folder"]): k for k, t in enumerate(targets)}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def load_run(folder: str | Path) -> dict:
-    """metrics.json of a finished run, with `folder` added. Raises FigureError when the folder
-    holds no metrics.json, an unreadable one, or an unfinished run."""
-    folder = Path(folder)
-    run = _read_metrics(folder)
-    if not run.get("finished"):
-        raise FigureError(f"{folder} holds an unfinished run: {_unfinished_hint(run)}")
-    for key in ("target", "extractor", "final"):
-        if key not in run:
-            raise FigureError(f"{folder / 'metrics.json'} has no {key!r} entry: it was not written by a "
-                              "guided run of this repository (rerun it, or remove the folder)")
-    run["folder"] = folder
-    return run
-
-
-def _read_metrics(folder: Path) -> dict:
-    path = folder / "metrics.json"
-    if not path.is_file():
-        raise FigureError(f"{folder} holds no metrics.json: the run is still going, or was killed "
-                          "before writing it (rerun it, or resume it with --resume)")
-    try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FigureError(f"cannot read {path} ({err}): rerun that run with --overwrite, or remove "
-                          "the folder") from None
-    if not isinstance(run, dict):
-        raise FigureError(f"{path} is not a run's metrics (a JSON object expected): rerun that run "
-                          "with --overwrite, or remove the folder")
-    return run
-
-
-def _unfinished_hint(run: dict) -> str:
-    reason = (run.get("stopped") or {}).get("reason")
-    command = run.get("resume_command")
-    why = f"stopped by {reason}" if reason else "not finished"
-    return f"{why}; finish it with `{command}`" if command else f"{why}; finish it with --resume"
-
-
-def collect_runs(paths: Iterable[str | Path]) -> tuple[list[dict], list[str]]:
-    """The finished runs at or under `paths` (see `find_run_folders`), and one warning per run
-    folder skipped because it is unfinished. Raises FigureError when none is finished or a
-    metrics.json cannot be read."""
-    runs, skipped = [], []
-    folders = find_run_folders(paths)
-    for folder in folders:
-        if not (folder / "metrics.json").is_file():
-            skipped.append(f"skipping {folder}: no metrics.json yet (the run is still going, or was "
-                           "killed; resume it with --resume)")
-            continue
-        metrics = _read_metrics(folder)
-        if not metrics.get("finished"):
-            skipped.append(f"skipping unfinished run {folder}: {_unfinished_hint(metrics)}")
-            continue
-        runs.append(load_run(folder))
-    if not runs:
-        raise FigureError("no finished run among " + ", ".join(map(str, folders))
-                          + ": finish the runs first (--resume)")
-    return runs, skipped
 
 
 # --------------------------------------------------------------------------- mosaics
@@ -168,15 +55,18 @@ class MosaicLayout:
     rows: list[list[dict | None]]
     font_size: int
     caption_lines: int
+    reloaded: bool = True               # captions of the saved PNGs (else the sampler's images)
     header_height: int = field(init=False)
     row_height: int = field(init=False)
     group_gap: int = field(init=False)
+    footer_height: int = field(init=False)
 
     def __post_init__(self):
         line = _line_height(self.font_size)
         self.header_height = self.pad + 2 * line + self.pad
         self.row_height = self.cell + self.caption_lines * line + 2 * self.pad
         self.group_gap = 3 * self.pad
+        self.footer_height = line + self.pad
 
     @property
     def n_columns(self) -> int:
@@ -190,7 +80,7 @@ class MosaicLayout:
     @property
     def size(self) -> tuple[int, int]:
         width = 2 * self.pad + self.cell + len(self.groups) * (self.group_gap + self.group_width)
-        return width, self.header_height + len(self.rows) * self.row_height
+        return width, self.header_height + len(self.rows) * self.row_height + self.footer_height
 
     def box(self, row: int, column: int) -> tuple[int, int]:
         """Top-left pixel of the image cell in `row`, `column` (0 = target)."""
@@ -216,7 +106,7 @@ def target_key(run: dict) -> tuple[str, str]:
 
 def mosaic_layout(runs: Sequence[dict], cell: int = 128, pad: int = 6,
                   labels: Sequence[str] | None = None, images: Sequence[str] = IMAGE_COLUMNS,
-                  reloaded: bool = False) -> MosaicLayout:
+                  reloaded: bool = True) -> MosaicLayout:
     """Group `runs` into rows (one per target, in order of first appearance) and column groups
     (one per label; labels default to the extractor names). When a target has several runs
     with the same label (other seeds or settings), it gets one row per run."""
@@ -246,16 +136,17 @@ def mosaic_layout(runs: Sequence[dict], cell: int = 128, pad: int = 6,
     captions = [_caption(run.get(name), reloaded) for run in runs for name in images]
     widest = max(_font(font_size).getlength(text) for text in captions)
     caption_lines = 1 if widest <= cell else 2      # else "cos ..." over "d ..."
-    return MosaicLayout(cell, pad, groups, images, targets, rows, font_size, caption_lines)
+    return MosaicLayout(cell, pad, groups, images, targets, rows, font_size, caption_lines, reloaded)
 
 
 def run_mosaic(runs: Sequence[dict], cell: int = 128, pad: int = 6,
                labels: Sequence[str] | None = None, images: Sequence[str] = IMAGE_COLUMNS,
-               reloaded: bool = False) -> Image.Image:
+               reloaded: bool = True) -> Image.Image:
     """The paper-style mosaic of finished runs (`load_run` / `collect_runs` dicts): rows =
     targets; columns = the target, then final | best per model under the model's name, each
-    captioned with the cosine similarity and squared distance to the target. `reloaded` uses
-    the numbers re-measured on the saved PNGs (metrics.json's `reloaded_png`)."""
+    captioned with the cosine similarity and squared distance to the target: of the saved PNG
+    (metrics.json's `reloaded_png`, what a reader of the figure gets) or, with `reloaded=False`,
+    of the sampler's unclamped image. A footer says which."""
     layout = mosaic_layout(runs, cell, pad, labels, images, reloaded)
     canvas = Image.new("RGB", layout.size, _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -289,7 +180,14 @@ def run_mosaic(runs: Sequence[dict], cell: int = 128, pad: int = 6,
                     lines = [text] if layout.caption_lines == 1 else text.split(" / ")
                     for k, part in enumerate(lines):
                         _centered(draw, part, left, cell, top + cell + 2 + k * line, font)
+    footer = FOOTERS[layout.reloaded]
+    draw.text((pad, layout.size[1] - layout.footer_height),
+              _fit_text(footer, layout.size[0] - 2 * pad, font), fill="black", font=font)
     return canvas
+
+
+FOOTERS = {True: "cos / d: cosine and squared distance of each saved PNG's feature to the target's",
+           False: "cos / d: cosine and squared distance of the sampler's (unclamped) images to the target"}
 
 
 def save_image(image: Image.Image, paths: Sequence[Path]) -> list[Path]:
@@ -457,81 +355,33 @@ def _line_height(size: int) -> int:
 
 # --------------------------------------------------------------------------- log curves
 
-_SCORE = re.compile(
-    r"^(?P<t>-?\d+)th timestep, (?P<rec>\d+(?:\.\d+)?)th self-recurrence(?P<zprev> \(z_prev\))?"
-    r"(?:, (?P<bk>-?\d+)th backward iteration)?"
-    r" -> xy_dists:(?P<d>[^,\s]+)(?:, xy_cossim:(?P<c>[^,\s]+))?\s*$")
-_FINAL = re.compile(r"^-1th timestep \(FINAL\) -> xy_dists:(?P<d>[^,\s]+)(?:, xy_cossim:(?P<c>[^,\s]+))?\s*$")
-
-
-@dataclass(frozen=True)
-class LogRecord:
-    """One scored image of a log.txt. kind: "estimate" (j: the image decoded from the
-    pre-guidance estimate of z_0; forward guidance differentiates its score), "guided"
-    (j + 0.5: after the guided step), "backward" (j + 0.7 / j + 0.9: backward guidance,
-    iteration `backward_iter`), "z_prev" (a z_prev candidate) or "final" (t = -1).
-    `cosine` is None in logs of runs that did not log it."""
-    t: int
-    rec: float | None
-    kind: str
-    distance: float
-    cosine: float | None
-    backward_iter: int | None = None
-
-
-def parse_log(path: str | Path) -> list[LogRecord]:
-    """The scored images of a run's log.txt, in order. Other lines ("!!! Found a better ...",
-    "Elapsed time", "Run options", "Interrupted by ...", "Numerical fault: ...") carry no score
-    and are skipped. Raises FigureError when the file cannot be read or holds no score line."""
-    path = Path(path)
+def read_log(path: str | Path) -> list[Score]:
+    """The scored images of a run's log.txt, in order (through ldm.scorelog). Raises
+    FigureError when the file cannot be read or holds no score line."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        scores = read_scores(path)
     except OSError as err:
         raise FigureError(f"cannot read {path} ({err.strerror or err}): pass a run folder with a "
                           "readable log.txt") from None
-    records = []
-    for line in text.splitlines():
-        if (m := _SCORE.match(line)) is not None:
-            rec = float(m["rec"])
-            if m["zprev"]:
-                kind = "z_prev"
-            elif m["bk"] is not None or rec % 1 not in (0.0, 0.5):
-                kind = "backward"
-            else:
-                kind = "estimate" if rec % 1 == 0 else "guided"
-            records.append(LogRecord(int(m["t"]), rec, kind, float(m["d"]), _float(m["c"]),
-                                     int(m["bk"]) if m["bk"] is not None else None))
-        elif (m := _FINAL.match(line)) is not None:
-            records.append(LogRecord(-1, None, "final", float(m["d"]), _float(m["c"])))
-    if not records:
-        raise FigureError(f"{path} has no score lines (\"... self-recurrence -> xy_dists:...\"): it is "
-                          "not the log.txt of a guided run, or the run stopped before scoring anything")
-    return records
+    if not scores:
+        raise FigureError(f"{path} has no score lines: it is not the log.txt of a decoding run, or "
+                          "the run stopped before scoring anything")
+    return scores
 
 
-def _float(text: str | None) -> float | None:
-    return None if text is None else float(text)
+def kind_of(score: Score) -> str:
+    """The curve a score belongs to: its stage, the two backward stages together."""
+    return "backward" if score.stage == "backward_iteration" else score.stage
 
 
-def log_status(path: str | Path) -> str | None:
-    """"Interrupted by ..." / "Numerical fault: ..." when the log ends that way, else None."""
-    last = None
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.startswith(("Interrupted by ", "Numerical fault: ")):
-            last = line.strip()
-        elif _SCORE.match(line) or _FINAL.match(line):
-            last = None      # resumed after the stop: the run went on
-    return last
-
-
-def per_timestep(records: Sequence[LogRecord], kind: str) -> tuple[list[int], dict[str, list]]:
+def per_timestep(records: Sequence[Score], kind: str) -> tuple[list[int], dict[str, list]]:
     """Timesteps (noisiest first) and, per timestep, the number of records of `kind` ("count")
     and the mean / min / max of their distances and cosine similarities ("cosine_mean" entries
     are None where the log has no cosine)."""
-    groups: dict[int, list[LogRecord]] = {}
+    groups: dict[int, list[Score]] = {}
     for record in records:
-        if record.kind == kind:
-            groups.setdefault(record.t, []).append(record)
+        if kind_of(record) == kind:
+            groups.setdefault(record.timestep, []).append(record)
     ts = sorted(groups, reverse=True)
     stats: dict[str, list] = defaultdict(list)
     for t in ts:
@@ -546,7 +396,7 @@ def per_timestep(records: Sequence[LogRecord], kind: str) -> tuple[list[int], di
     return ts, stats
 
 
-def plot_log(logs: Sequence[tuple[str, Sequence[LogRecord]]], paths: Sequence[Path],
+def plot_log(logs: Sequence[tuple[str, Sequence[Score]]], paths: Sequence[Path],
              kind: str = "estimate", title: str | None = None):
     """Plot the squared distance (log scale when every value is positive) and the cosine
     similarity against the timestep, noisiest (left) to cleanest (right), for one or several
@@ -563,10 +413,10 @@ def plot_log(logs: Sequence[tuple[str, Sequence[LogRecord]]], paths: Sequence[Pa
     for label, records in logs:
         ts, stats = per_timestep(records, kind)
         if ts:
-            final = next((r for r in reversed(records) if r.kind == "final"), None)
+            final = next((r for r in reversed(records) if r.stage == "final"), None)
             curves.append((label, ts, stats, final))
     if not curves:
-        present = sorted({r.kind for _, records in logs for r in records} - {"final"})
+        present = sorted({kind_of(r) for _, records in logs for r in records} - {"final"})
         raise FigureError(f"no {kind!r} score lines in the log{'s' if len(logs) > 1 else ''}; kinds "
                           f"present: {', '.join(present) or 'none'} (choose one with --kind)")
     with_cosine = [c for c in curves if any(v is not None for v in c[2]["cosine_mean"])]

@@ -61,6 +61,19 @@ def parse_channels(spec: str | list[int] | tuple[int, ...] | None, size: int | N
     return sorted(set(indices))
 
 
+def check_target(target: torch.Tensor, channels: str | list[int] | None = None) -> None:
+    """ValueError unless the target feature [1, ...] is finite and not zero everywhere on the
+    compared channels (a zero target has no direction: its cosine similarity is undefined)."""
+    if not bool(torch.isfinite(target).all()):
+        raise ValueError("the target feature holds NaN or inf values")
+    index = parse_channels(channels, target.shape[1])
+    compared = target if index is None else target[:, index]
+    if not bool(compared.abs().sum() > 0):
+        where = "" if index is None else " on the compared channels (--channels)"
+        raise ValueError(f"the target feature is zero everywhere{where}: it has no direction to "
+                         "match (its cosine similarity is undefined); choose another target or layer")
+
+
 class FeatureDistance(nn.Module):
     """Loss between an extractor's features of generated images and fixed target features.
 

@@ -22,19 +22,24 @@ from __future__ import annotations
 import ast
 import hashlib
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+
+from ldm.errors import InputError
+from ldm.extractors.preprocessing import to_rgb
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FEATURE_SUFFIXES = {".npy", ".pt", ".pth", ".safetensors"}
 FUNCTIONS = ("image", "text", "features")
 
 
-class TargetError(ValueError):
+class TargetError(InputError):
     """A target that cannot be used: the message names it and says what would work."""
 
 
@@ -52,8 +57,27 @@ class Target:
                 if isinstance(node, ast.Call)]
 
 
+RESERVED_LABELS = ("index.json",)   # names a multi-target --optim_folder holds besides the targets
+
+
 def _looks_like_expression(text: str) -> bool:
     return re.search(r"\b(" + "|".join(FUNCTIONS) + r")\s*\(", text) is not None
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False for strings that cannot name a file (a component over the file
+    system's length limit, a NUL byte): those are text, not paths."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _parse(expression: str) -> ast.Expression:
@@ -61,7 +85,11 @@ def _parse(expression: str) -> ast.Expression:
         tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError as err:
         raise TargetError(f"target expression {expression!r} does not parse: {err.msg}") from None
+    called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
     for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and id(node) not in called:
+            raise TargetError(f"target expression {expression!r}: {node.id!r} alone is not a term "
+                              "(write image(\"path\"), text(\"prompt\") or features(\"path\"))")
         if isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS
                     and len(node.args) == 1 and not node.keywords
@@ -77,7 +105,25 @@ def _parse(expression: str) -> ast.Expression:
         elif isinstance(node, ast.Name) and node.id not in FUNCTIONS:
             raise TargetError(f"target expression {expression!r}: unknown name {node.id!r} (terms are "
                               "image(\"path\"), text(\"prompt\"), features(\"path\"))")
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and _number(node.right) == 0:
+            raise TargetError(f"target expression {expression!r}: {ast.unparse(node)!r} divides by zero")
     return tree
+
+
+def _number(node: ast.AST) -> float | None:
+    """The value of a sub-expression made of numbers only (None if it has terms)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp):
+        value = _number(node.operand)
+        return None if value is None else (-value if isinstance(node.op, ast.USub) else value)
+    if isinstance(node, ast.BinOp):
+        left, right = _number(node.left), _number(node.right)
+        if left is None or right is None or (isinstance(node.op, ast.Div) and right == 0):
+            return None
+        return {ast.Add: left + right, ast.Sub: left - right, ast.Mult: left * right}.get(
+            type(node.op), left / right if isinstance(node.op, ast.Div) else None)
+    return None
 
 
 def _slug(text: str, limit: int = 48) -> str:
@@ -86,8 +132,10 @@ def _slug(text: str, limit: int = 48) -> str:
 
 
 def _label(kind: str, source: str) -> str:
-    if kind in ("image", "features"):
-        return _slug(Path(source).stem)
+    if kind == "image":
+        return _slug(Path(source).stem)     # the reference's layout: cat.jpg -> cat/
+    if kind == "features":                  # feat.npy and feat.pt stay apart: feat_npy, feat_pt
+        return _slug(f"{Path(source).stem}_{Path(source).suffix.lstrip('.')}")
     digest = hashlib.sha256(source.encode()).hexdigest()[:8]
     return f"{'text' if kind == 'text' else 'expr'}_{_slug(source, 40)}_{digest}"
 
@@ -101,6 +149,12 @@ def parse_target(spec: str, text_only: bool = False) -> Target:
     if text_only:
         return Target("text", spec, _label("text", spec))
     if _looks_like_expression(spec):
+        try:
+            ast.parse(spec.strip(), mode="eval")
+        except SyntaxError as err:   # "a photo of an image (blurry)" is a caption, not Python
+            warnings.warn(f"{spec!r} is read as a text prompt: it is not a target expression "
+                          f"({err.msg})", stacklevel=2)
+            return Target("text", spec, _label("text", spec))
         tree = _parse(spec)
         expression = ast.unparse(tree)
         for node in ast.walk(tree):
@@ -109,7 +163,7 @@ def parse_target(spec: str, text_only: bool = False) -> Target:
         return Target("expression", expression, _label("expression", expression))
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
-    if path.is_file():
+    if _is_file(path):
         kind = "features" if suffix in FEATURE_SUFFIXES else "image"
         return Target(kind, str(path), _label(kind, str(path)))
     if suffix in IMAGE_SUFFIXES | FEATURE_SUFFIXES:
@@ -119,7 +173,7 @@ def parse_target(spec: str, text_only: bool = False) -> Target:
 
 
 def _check_file(path: str, kind: str) -> None:
-    if not Path(path).expanduser().is_file():
+    if not _is_file(Path(path).expanduser()):
         raise TargetError(f"{kind}({path!r}): no such file")
 
 
@@ -127,8 +181,11 @@ def expand_targets(specs: list[str], text_only: bool = False) -> list[Target]:
     """Target strings (folders expand to their image files, sorted) → Targets with unique labels."""
     targets: list[Target] = []
     for spec in specs:
-        path = Path(spec).expanduser() if isinstance(spec, str) else None
-        if path is not None and not text_only and path.is_dir():
+        if not isinstance(spec, str) or not spec.strip():   # Path("") is the current folder
+            raise TargetError(f"empty target {spec!r}: give an image path, a folder, a feature "
+                              "file, an expression or a text prompt")
+        path = Path(spec).expanduser()
+        if not text_only and _is_dir(path):
             images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not images:
                 raise TargetError(f"target folder {spec!r} holds no image files "
@@ -139,15 +196,35 @@ def expand_targets(specs: list[str], text_only: bool = False) -> list[Target]:
     return unique_labels(targets)
 
 
-def unique_labels(targets: list[Target]) -> list[Target]:
-    """Same label twice (two cat.jpg from different folders) → cat, cat_2."""
-    seen: dict[str, int] = {}
+def unique_labels(targets: list[Target], reserved=RESERVED_LABELS) -> list[Target]:
+    """Labels that name one folder each: the second cat.jpg becomes cat_2 unless some target
+    is called cat_2 already (then cat_3), and a reserved name (index.json) gets a suffix too.
+    Labels are compared without case (macOS and Windows folders ignore it)."""
+    taken = {name.lower() for name in reserved} | {t.label.lower() for t in targets}
+    kept: set[str] = set()
     out = []
     for target in targets:
-        count = seen.get(target.label, 0) + 1
-        seen[target.label] = count
-        out.append(target if count == 1 else Target(target.kind, target.source, f"{target.label}_{count}"))
+        label = target.label
+        if label.lower() in kept or label.lower() in {n.lower() for n in reserved}:
+            k = 2
+            while f"{label}_{k}".lower() in taken:
+                k += 1
+            label = f"{label}_{k}"
+            taken.add(label.lower())
+        kept.add(label.lower())
+        out.append(target if label == target.label else Target(target.kind, target.source, label))
     return out
+
+
+def read_image(path: str) -> Image.Image:
+    """A target image as 8-bit RGB, upright (any mode, 16/32-bit, float, EXIF: `to_rgb`, which
+    needs the file's own tags); TargetError naming the file if it is not a readable image."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise TargetError(f"{path!r} is not a readable image: {err}") from err
 
 
 def read_target_list(path: str) -> list[str]:
@@ -190,6 +267,9 @@ def load_feature_file(path: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         raise TargetError(f"feature file {path!r} must hold one floating-point tensor "
                           f"(got {type(value).__name__})")
+    if value.layout != torch.strided or value.is_meta or value.device.type != "cpu":
+        raise TargetError(f"feature file {path!r} holds a {value.layout} tensor on "
+                          f"{value.device}: save a dense tensor on the CPU (tensor.to_dense().cpu())")
     return value.float()
 
 
@@ -239,6 +319,8 @@ def target_features(target: Target, leaf: FeatureFn, feature_shape: tuple[int, .
             return left * right
         if isinstance(right, torch.Tensor):
             raise TargetError(f"target expression {target.source!r}: divide features by numbers only")
+        if right == 0:
+            raise TargetError(f"target expression {target.source!r}: division by zero")
         return left / right
 
     value = evaluate(_parse(target.source))

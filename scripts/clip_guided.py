@@ -9,7 +9,7 @@ embedding), as in the reference script.
 """
 import sys
 
-from ldm.guided_run import main
+from ldm.cli import main
 
 if __name__ == "__main__":
     sys.exit(main("open_clip:RN50"))

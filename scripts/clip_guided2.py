@@ -9,7 +9,7 @@ text here, even when it looks like a file name.
 """
 import sys
 
-from ldm.guided_run import main
+from ldm.cli import main
 
 if __name__ == "__main__":
     sys.exit(main("open_clip:RN50", text_only=True,

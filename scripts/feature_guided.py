@@ -7,7 +7,7 @@ The same flags as the per-model scripts, plus --extractor library:model[@layer]:
         --optim_num_steps 1000 8 --optim_early_emp_end 995 --optim_grad_clip_threshold 3.0 \
         --optim_folder outputs/chelsea_resnet50_layer3
 
-    python scripts/feature_guided.py --extractor timm:convnext_tiny --extractor_weights in1k ...
+    python scripts/feature_guided.py --extractor timm:convnext_tiny --extractor_weights fb_in1k ...
     python scripts/feature_guided.py --extractor open_clip:RN50 \
         --prompt 'image("data/examples/chelsea.jpg") + 0.5 * (text("a dog") - text("a cat"))' ...
 
@@ -16,7 +16,7 @@ A wrong layer name lists the valid ones; `--spatial` keeps the layer's spatial m
 """
 import sys
 
-from ldm.guided_run import main
+from ldm.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(None))

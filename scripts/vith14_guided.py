@@ -6,7 +6,7 @@
 """
 import sys
 
-from ldm.guided_run import main
+from ldm.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main("torchvision:vit_h_14"))
+    sys.exit(main("torchvision:vit_h_14", presets={"paper": {"optim_grad_clip_threshold": 2.0}}))

@@ -1,8 +1,11 @@
 """Each per-model script end to end through its command line, with tiny stand-in weights:
-a tiny SD-v1-shaped model (20 timesteps) and random-weight target models."""
+a tiny SD-v1-shaped model (20 timesteps) and random-weight target models. A script is one call
+`main(...)`; its arguments are read from the script's source (never by loading the file) and
+the command line runs with them in this process."""
+import ast
 import json
 import re
-import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,11 +15,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from ldm.extractors import ClipRN50Extractor, ResNet50Extractor, VitH14Extractor
-from tiny_models import tiny_config, tiny_model
+from ldm.scorelog import read_scores
+from tiny_models import REPO, run_cli, tiny_config, tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
 T = 20
-LINE = re.compile(r"^(\d+)th timestep, (\d+(?:\.\d+)?)th self-recurrence -> xy_dists:(\S+?)(?:, xy_cossim:(\S+))?$")
+SCRIPTS = REPO / "scripts"
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +44,34 @@ def weights(tmp_path_factory):
     return folder
 
 
+def script_call(script: str) -> tuple[list, dict]:
+    """The literal arguments of the `main(...)` call of scripts/<script>."""
+    tree = ast.parse((SCRIPTS / script).read_text())
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "main")
+    return ([ast.literal_eval(a) for a in call.args],
+            {k.arg: ast.literal_eval(k.value) for k in call.keywords})
+
+
 def run_script(script, args, capsys):
-    """Run scripts/<script> in this process as `python scripts/<script> args`; → (code, out, err)."""
-    argv = sys.argv
-    sys.argv = [script, *map(str, args)]
-    try:
-        runpy.run_path(str(REPO / "scripts" / script), run_name="__main__")
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
+    """What `python scripts/<script> args` does, in this process; → (code, out, err)."""
+    positional, keywords = script_call(script)
+    return run_cli(*positional, args, capsys, **keywords)
+
+
+@pytest.mark.parametrize("script, extractor", [
+    ("resnet50_guided.py", "torchvision:resnet50"), ("vith14_guided.py", "torchvision:vit_h_14"),
+    ("clip_guided.py", "open_clip:RN50"), ("clip_guided2.py", "open_clip:RN50"),
+    ("feature_guided.py", None)])
+def test_each_script_is_one_call_of_the_shared_command_line(script, extractor):
+    positional, _ = script_call(script)
+    assert positional == [extractor]
+
+
+def test_a_script_runs_as_a_program():
+    done = subprocess.run([sys.executable, str(SCRIPTS / "resnet50_guided.py"), "--help"],
+                          capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0 and "--optim_forward_guidance_wt" in done.stdout
 
 
 def common(sd_files, folder, *extra):
@@ -74,12 +92,11 @@ def check_outputs(folder: Path, with_cosine: bool, printed: bool = True):
         assert {f"guidance_3_{i}_0.png" for i in (10, 0)} <= files
         assert "guidance_3_19_0.png" not in files
     lines = (folder / "log.txt").read_text().splitlines()
-    scored = [LINE.match(line) for line in lines if "self-recurrence ->" in line]
-    assert scored and all(scored), "every score line parses"
+    scores = read_scores(folder / "log.txt")
+    scored = [r for r in scores if r.stage != "final"]
     assert len(scored) == 2 * (2 * 2 + (T - 2) * 1)       # before and after guidance
-    assert all((m.group(4) is not None) == with_cosine for m in scored)
-    assert any(line.startswith("!!! Found a better image (-inf -> ") for line in lines)
-    final = [line for line in lines if line.startswith("-1th timestep (FINAL) -> xy_dists:")]
+    assert all((r.cosine is not None) == with_cosine for r in scores)
+    final = [r for r in scores if r.stage == "final"]
     assert len(final) == 1
     assert re.match(r"Elapsed time = [\d.]+ sec", lines[-2]) and lines[-1].startswith("Run options: Namespace(")
 
@@ -87,8 +104,7 @@ def check_outputs(folder: Path, with_cosine: bool, printed: bool = True):
     assert metrics["finished"] is True and metrics["iterations"] == 2 * 2 + (T - 2)
     assert metrics["best"]["file"] == best[0]
     assert metrics["best"]["squared_distance"] <= metrics["final"]["squared_distance"] + 1e-5
-    final_dist = float(final[0].split("xy_dists:")[1].split(",")[0])
-    assert metrics["final"]["squared_distance"] == pytest.approx(final_dist)
+    assert metrics["final"]["squared_distance"] == pytest.approx(final[0].distance)
     for key in ("final", "best"):
         assert -1 <= metrics[key]["cosine"] <= 1
         assert set(metrics[key]["reloaded_png"]) == {"squared_distance", "cosine"}
@@ -148,17 +164,15 @@ def test_readme_example_adds_a_model(sd_files, tmp_path, capsys):
     """The README's "Adding a model" script, copied verbatim, runs with every flag."""
     from torchvision.models import convnext_tiny
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "adding-a-model.md").read_text()
     code = re.search(r"```python\n(# scripts/convnext_guided.py\n.*?)```", readme, re.S).group(1)
-    script = REPO / "scripts" / "_test_readme_convnext_guided.py"
-    script.write_text(code)
+    namespace = {"__name__": "convnext_guided"}        # the script, not run as __main__
+    exec(compile(code, "convnext_guided.py", "exec"), namespace)
+    assert "sys.exit(main(ConvNeXtTiny))" in code
     torch.save(convnext_tiny().state_dict(), tmp_path / "convnext.pth")
-    try:
-        code, _, err = run_script(script.name, common(
-            sd_files, tmp_path / "out", "--prompt", REPO / "data/examples/rocket.jpg",
-            "--extractor_weights", tmp_path / "convnext.pth"), capsys)
-    finally:
-        script.unlink()
+    code, _, err = run_cli(namespace["ConvNeXtTiny"], common(
+        sd_files, tmp_path / "out", "--prompt", REPO / "data/examples/rocket.jpg",
+        "--extractor_weights", tmp_path / "convnext.pth"), capsys)
     assert code == 0, err
     metrics = check_outputs(tmp_path / "out", with_cosine=True, printed=False)
     assert metrics["extractor"] == "convnext_tiny" and metrics["feature_shape"] == [768]
@@ -168,9 +182,9 @@ def test_readme_example_adds_a_model(sd_files, tmp_path, capsys):
     (["--prompt", "a photo of a dog"], "supports image targets only"),
     (["--prompt", "data/missing_image.PNG"], "looks like an image path, but no such file exists"),
     (["--prompt", "README.md"], "is not a readable image"),
-    (["--H", "17"], "--H 17 must be a positive multiple of 2"),
-    (["--optim_num_steps", "0"], "--optim_num_steps needs positive integers"),
-    (["--optim_early_emp_end", "1001"], "must be in [-1, 1000]"),
+    (["--H", "18"], "--H 18 must be a multiple of 4"),
+    (["--optim_num_steps", "0"], "--optim_num_steps: must be an integer from 1"),
+    (["--optim_early_emp_end", "1001"], "--optim_early_emp_end: 1001 is past the model's last timestep"),
     (["--device", "cuda:7"], "--device 'cuda:7' is not available"),
     (["--ckpt", "models/nowhere.ckpt"], "models/ldm/stable-diffusion/sd-v1-4.ckpt"),
 ])

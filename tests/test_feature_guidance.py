@@ -4,9 +4,12 @@ import math
 import pytest
 import torch
 
+from ldm.errors import SettingError
+from ldm.models.diffusion.feature_guidance import GuidanceSettings, sample_feature_guided
+from ldm.models.diffusion.guidance import clip_to_std, rescale_to_noise_norm
 from ldm.objectives import FeatureDistance
-from ldm.models.diffusion.feature_guidance import (GuidanceSettings, clip_to_std,
-                                                   rescale_to_noise_norm, sample_feature_guided)
+from ldm.run_folder import names
+from ldm.scorelog import Guarded, Improved, Score
 from tiny_models import TinyExtractor, tiny_model
 
 T = 20
@@ -32,12 +35,17 @@ def objective():
 
 
 def run(model, cond, objective, seed=0, shape=SHAPE, **kw):
+    """→ (result, every record the sampler reported)."""
     settings = GuidanceSettings(**kw)
     gens = [torch.Generator().manual_seed(seed + b) for b in range(shape[0])]
-    lines = []
+    records = []
     result = sample_feature_guided(model, cond, objective, settings, shape, gens,
-                                   log=lambda b, line: lines.append((b, line)), progress=False)
-    return result, lines
+                                   on_record=records.append, progress=False)
+    return result, records
+
+
+def scores(records, stage=None):
+    return [r for r in records if isinstance(r, Score) and (stage is None or r.stage == stage)]
 
 
 def test_unguided_k1_is_plain_ancestral_ddpm(model, cond, objective):
@@ -83,7 +91,6 @@ class CountingModel(torch.nn.Module):
     ((1,), -1, T),
     ((3,), -1, 3 * T),
     ((3, 1), T - 2, 2 * 3 + (T - 2) * 1),
-    ((4, 9, 2), T - 5, 5 * 4 + (T - 5) * 2),   # middle values are ignored, as in the reference
     ((3, 1), T, T),                            # boundary beyond the first timestep: late K only
     ((2, 5), 0, 2 * T),                        # every timestep is early
 ])
@@ -95,6 +102,23 @@ def test_k_schedule_counts(model, cond, objective, num_steps, early_end, expecte
                     forward_guidance=True)
     assert result.iterations == expected
     assert counting.calls == expected
+
+
+@pytest.mark.parametrize("num_steps", [(4, 9, 2), (), (0,), (2, -1)])
+def test_k_takes_one_or_two_positive_values(num_steps):
+    """The reference silently ignored middle values of --optim_num_steps; here they are refused."""
+    with pytest.raises(SettingError, match="num_steps"):
+        GuidanceSettings(num_steps=num_steps)
+
+
+@pytest.mark.parametrize("field, value", [("lr", math.nan), ("lr", -1.0), ("lr", 0.0),
+                                          ("forward_guidance_wt", math.inf), ("loss_cutoff", math.nan),
+                                          ("avg_sim_to_start_backward", math.nan),
+                                          ("sim_queue_size", 10 ** 10), ("max_iters", 0), ("timesteps", 0)])
+def test_settings_refuse_values_that_cannot_work(field, value):
+    with pytest.raises(SettingError) as err:
+        GuidanceSettings(**{field: value})
+    assert err.value.parameter == field
 
 
 def test_rescale_matches_noise_norm_per_image():
@@ -151,19 +175,19 @@ def test_same_seed_same_images_bitwise(model, cond, objective):
     assert not torch.equal(a.final_images, c.final_images)
 
 
-def test_log_lines_and_best_tracking(model, cond, objective):
-    result, lines = run(model, cond, objective, num_steps=(2, 1), early_emp_end=T - 1,
-                        forward_guidance=True, forward_guidance_wt=4.0)
-    text = [line for _, line in lines]
-    assert text[0].startswith(f"{T - 1}th timestep, 0th self-recurrence -> xy_dists:")
-    assert text[1].startswith("!!! Found a better image (-inf -> ")
-    assert any(line.startswith(f"{T - 1}th timestep, 1.5th self-recurrence -> xy_dists:") for line in text)
-    assert text[-1].startswith("-1th timestep (FINAL) -> xy_dists:")
-    scored = [float(line.split("xy_dists:")[1]) for line in text[:-1] if "self-recurrence ->" in line]
+def test_records_and_best_tracking(model, cond, objective):
+    result, records = run(model, cond, objective, num_steps=(2, 1), early_emp_end=T - 1,
+                          forward_guidance=True, forward_guidance_wt=4.0)
+    first, better = records[0], records[1]
+    assert (first.timestep, first.recurrence, first.stage) == (T - 1, 0, "estimate")
+    assert isinstance(better, Improved) and better.old == -math.inf and better.new == -first.distance
+    assert any((r.timestep, r.recurrence, r.stage) == (T - 1, 1, "guided") for r in scores(records))
+    final = records[-1]
+    assert final.stage == "final" and final.distance == pytest.approx(result.final_distance.item())
+    scored = [r.distance for r in scores(records) if r.stage != "final"]
     assert len(scored) == 2 * result.iterations            # before and after guidance
     assert result.best[0].distance == pytest.approx(min(scored))
-    assert float(text[-1].split("xy_dists:")[1]) == pytest.approx(result.final_distance.item())
-    assert result.best[0].filename().startswith(f"out_img_best_t_{result.best[0].t}_rec_")
+    assert names.best_image(result.best[0]).startswith(f"out_img_best_t_{result.best[0].timestep}_rec_")
 
 
 def test_zero_gradient_is_guarded_and_logged(model, cond):
@@ -172,34 +196,35 @@ def test_zero_gradient_is_guarded_and_logged(model, cond):
         flat = images.sum() * 0 + 1.0              # constant distance, zero gradient
         return flat.expand(images.shape[0]), torch.zeros(images.shape[0])
 
-    result, lines = run(model, cond, objective, forward_guidance=True)
-    assert result.guard_events == T
+    result, records = run(model, cond, objective, forward_guidance=True)
+    assert result.guard_events == [T]
     assert torch.isfinite(result.final_images).all()
-    assert any("guidance gradient is zero" in line and "taken without guidance" in line
-               for _, line in lines)
+    assert [(r.timestep, r.recurrence) for r in records if isinstance(r, Guarded)] == [
+        (i, 0) for i in range(T - 1, -1, -1)]
 
 
 def test_backward_guidance_and_select_prev_run(model, cond, objective):
-    result, lines = run(model, cond, objective, num_steps=(2,), forward_guidance=True,
-                        backward_guidance=True, avg_sim_to_start_backward=1e9, max_iters=2,
-                        select_prev=True)
-    text = [line for _, line in lines]
-    assert any(", 1th backward iteration -> xy_dists:" in line for line in text)
-    assert any("0.9th self-recurrence, 2th backward iteration" in line for line in text)
-    assert any("self-recurrence (z_prev) -> xy_dists:" in line for line in text)
+    result, records = run(model, cond, objective, num_steps=(2,), forward_guidance=True,
+                          backward_guidance=True, avg_sim_to_start_backward=1e9, max_iters=2,
+                          select_prev=True)
+    iterations = scores(records, "backward_iteration")
+    assert {r.backward_iteration for r in iterations} == {0, 1}
+    assert {r.backward_iteration for r in scores(records, "backward")} == {2}
+    assert len(scores(records, "z_prev")) == 2 * (T - 1)   # every self-recurrence but the last timestep's
+    assert any(isinstance(r, Improved) and r.what == "z_prev" for r in records)
     assert torch.isfinite(result.final_images).all()
 
 
 def test_backward_gate_stays_closed_without_forward_guidance(model, cond, objective):
     # The moving average starts at distance 100 and only forward guidance updates it.
-    _, lines = run(model, cond, objective, backward_guidance=True, avg_sim_to_start_backward=0.1)
-    assert not any("backward iteration" in line for _, line in lines)
+    _, records = run(model, cond, objective, backward_guidance=True, avg_sim_to_start_backward=0.1)
+    assert not scores(records, "backward_iteration") and not scores(records, "backward")
 
 
 def test_unguided_run_reports_final_and_best(model, cond, objective):
     result, _ = run(model, cond, objective)
     assert math.isfinite(result.final_distance.item())
-    assert result.best[0].image is not None and result.best[0].t >= 0
+    assert result.best[0].image is not None and result.best[0].timestep >= 0
 
 
 def test_respaced_schedule():
@@ -260,17 +285,17 @@ def test_stop_save_load_resume_is_bitwise(model, cond, objective, resume_referen
     """Stopping at any iteration boundary (mid-timestep included), writing the state to disk
     and resuming from it gives exactly the uninterrupted run: images, best records, log."""
     from ldm.models.diffusion.feature_guidance import SamplingStopped
-    from ldm.run_state import load_state, save_state
+    from ldm.run_folder import load_state, save_state
 
     settings = GuidanceSettings(**RESUME_KW)
-    full, full_lines = resume_reference
+    full, full_records = resume_reference
     assert full.iterations == 26
 
-    lines = []
+    records = []
     gens = [torch.Generator().manual_seed(11 + b) for b in range(2)]
     with pytest.raises(SamplingStopped) as stopped:
         sample_feature_guided(model, cond, objective, settings, RESUME_SHAPE, gens,
-                              log=lambda b, line: lines.append((b, line)), progress=False,
+                              on_record=records.append, progress=False,
                               should_stop=_stop_after(stop_at))
     assert stopped.value.state.iterations == stop_at
     save_state(tmp_path / "state.safetensors", stopped.value.state, {"note": "test"})
@@ -279,15 +304,14 @@ def test_stop_save_load_resume_is_bitwise(model, cond, objective, resume_referen
 
     other_gens = [torch.Generator().manual_seed(999) for _ in range(2)]   # states come from the file
     resumed = sample_feature_guided(model, cond, objective, settings, RESUME_SHAPE, other_gens,
-                                    log=lambda b, line: lines.append((b, line)), progress=False,
-                                    state=state)
+                                    on_record=records.append, progress=False, state=state)
     assert torch.equal(resumed.final_images, full.final_images)
     assert torch.equal(resumed.final_distance, full.final_distance)
     assert resumed.iterations == full.iterations and resumed.guard_events == full.guard_events
     for a, b in zip(resumed.best, full.best):
-        assert (a.score, a.t, a.rec, a.bk, a.filename()) == (b.score, b.t, b.rec, b.bk, b.filename())
+        assert a.to_json() == b.to_json() and names.best_image(a) == names.best_image(b)
         assert torch.equal(a.image, b.image)
-    assert lines == full_lines
+    assert records == full_records
 
 
 def test_checkpoints_come_every_n_iterations_and_each_resumes(model, cond, objective):
@@ -368,7 +392,7 @@ def test_nan_in_the_features_stops_with_the_timestep(model, cond):
         run(model, cond, objective, forward_guidance=True, forward_guidance_wt=4.0)
     assert fault.value.stage.startswith("feature distance") and fault.value.timestep == 15
     best = fault.value.state.best[0]       # found before the fault, kept
-    assert best.t >= 16 and best.image is not None and math.isfinite(best.score)
+    assert best.timestep >= 16 and best.image is not None and math.isfinite(best.score)
 
 
 class _NaNGradientAtOneElement(torch.autograd.Function):
@@ -417,9 +441,9 @@ def test_non_finite_gradient_is_a_fault(model, cond, where):
 def test_forward_guidance_syncs_only_to_log(model, cond, objective, monkeypatch):
     """Checks are resolved with the log lines' host transfer: two per guided iteration (the
     scores before and after guidance) and one at the end; no `.item()` anywhere."""
-    from ldm.models.diffusion import feature_guidance as fg
+    from ldm.models.diffusion.device_checks import DeviceChecks
 
-    transfers, flush = [], fg._DeviceChecks.flush
+    transfers, flush = [], DeviceChecks.flush
 
     def counting(self, *values):
         if self.pending or values:
@@ -429,8 +453,8 @@ def test_forward_guidance_syncs_only_to_log(model, cond, objective, monkeypatch)
     def no_item(self):
         raise AssertionError("Tensor.item() in the sampler's loop")
 
-    monkeypatch.setattr(fg._DeviceChecks, "flush", counting)
+    monkeypatch.setattr(DeviceChecks, "flush", counting)
     monkeypatch.setattr(torch.Tensor, "item", no_item)
-    result, lines = run(model, cond, objective, forward_guidance=True, num_steps=(2,))
+    result, _ = run(model, cond, objective, forward_guidance=True, num_steps=(2,))
     assert len(transfers) == 2 * result.iterations + 1
     assert transfers.count(2) == 2 * result.iterations   # distance and cosine of each score

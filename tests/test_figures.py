@@ -1,41 +1,34 @@
-"""Figures: mosaics of finished runs, log parsing and score curves (ldm/figures.py and
-scripts/make_figure.py), on fake run folders and on real toy runs."""
-import importlib.util
+"""Figures: mosaics of finished runs, logs and score curves (ldm/figures.py and
+ldm/cli/figures.py, scripts/make_figure.py's), on fake run folders and on real toy runs."""
 import json
+import math
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from ldm.figures import FigureError, collect_runs, load_run, mosaic_layout, parse_log, plot_log, run_mosaic
+from ldm.cli import figures as make_figure
+from ldm.figures import FigureError, kind_of, mosaic_layout, plot_log, read_log, run_mosaic
+from ldm.run_folder import RunFolderError, collect_runs, load_run
+from ldm.scorelog import Improved, Score, format_line
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_figure", REPO / "scripts" / "make_figure.py")
-make_figure = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_figure)
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 160, 0)
 GREY = (208, 208, 208)
 
-LOG_LINES = """\
-999th timestep, 0th self-recurrence -> xy_dists:10.0, xy_cossim:0.5
-!!! Found a better image (-inf -> -10.0)
-999th timestep, 0.5th self-recurrence -> xy_dists:8.0, xy_cossim:0.6
-999th timestep, 1th self-recurrence -> xy_dists:6.0, xy_cossim:0.7
-999th timestep, 1.5th self-recurrence -> xy_dists:5.0, xy_cossim:0.75
-999th timestep, 1.7th self-recurrence, 0th backward iteration -> xy_dists:4.5, xy_cossim:0.77
-999th timestep, 1.9th self-recurrence, 1th backward iteration -> xy_dists:4.0, xy_cossim:0.8
-999th timestep, 1th self-recurrence (z_prev) -> xy_dists:7.0, xy_cossim:0.65
-!!! Found a better z_prev (-inf -> -7.0)
-500th timestep, 0th self-recurrence -> xy_dists:2.0, xy_cossim:0.9
-500th timestep, 0.5th self-recurrence -> xy_dists:1.0, xy_cossim:0.95
-!!! Found a better image (-4.0 -> -1.0)
-0th timestep, 0th self-recurrence -> xy_dists:0.5, xy_cossim:0.98
-0th timestep, 0.5th self-recurrence -> xy_dists:0.25, xy_cossim:0.99
--1th timestep (FINAL) -> xy_dists:0.25, xy_cossim:0.99
-Elapsed time = 1.5 sec
-Run options: Namespace(prompt='a.png', seed=42)
-"""
+RECORDS = [
+    Score(0, 999, 0, "estimate", 10.0, 0.5), Improved(0, -math.inf, -10.0),
+    Score(0, 999, 0, "guided", 8.0, 0.6), Score(0, 999, 1, "estimate", 6.0, 0.7),
+    Score(0, 999, 1, "guided", 5.0, 0.75), Score(0, 999, 1, "backward_iteration", 4.5, 0.77, 0),
+    Score(0, 999, 1, "backward", 4.0, 0.8, 1), Score(0, 999, 1, "z_prev", 7.0, 0.65),
+    Improved(0, -math.inf, -7.0, "z_prev"), Score(0, 500, 0, "estimate", 2.0, 0.9),
+    Score(0, 500, 0, "guided", 1.0, 0.95), Improved(0, -4.0, -1.0),
+    Score(0, 0, 0, "estimate", 0.5, 0.98), Score(0, 0, 0, "guided", 0.25, 0.99),
+    Score(0, -1, None, "final", 0.25, 0.99)]
+TAIL = "Elapsed time = 1.5 sec\nRun options: Namespace(prompt='a.png', seed=42)\n"
+LOG_LINES = "".join(format_line(r) + "\n" for r in RECORDS) + TAIL
+OLD_LOG_LINES = "".join(format_line(r, cosine=False) + "\n" for r in RECORDS) + TAIL   # no cosine
 
 
 def run_cli(argv, capsys):
@@ -101,7 +94,9 @@ def test_mosaic_one_row_per_target_and_a_column_pair_per_model(tmp_path, target_
     assert centre(image, layout.box(0, 3), cell) == BLUE         # vit final
     assert centre(image, layout.box(1, 3), cell) != RED          # vit has no run for the text target
     assert layout.caption_lines == 2 and mosaic_layout(runs, 200).caption_lines == 1
-    assert run_mosaic(runs, cell, reloaded=True).size == layout.size
+    assert run_mosaic(runs, cell, reloaded=False).size == layout.size
+    assert layout.reloaded                                        # the saved PNGs' numbers by default
+    assert mosaic_layout(runs, 200).caption_lines == 1
 
 
 def test_runs_sharing_a_label_share_columns_and_repeat_rows(tmp_path, target_image):
@@ -146,7 +141,7 @@ def test_missing_target_image_is_a_grey_cell_not_a_crash(tmp_path):
 
 def test_load_run_refuses_unfinished_runs(tmp_path):
     fake_run(tmp_path / "u", "toy_all", finished=False)
-    with pytest.raises(FigureError, match="unfinished.*--resume"):
+    with pytest.raises(RunFolderError, match="unfinished.*--resume"):
         load_run(tmp_path / "u")
 
 
@@ -214,38 +209,28 @@ def test_cli_mosaic_errors_are_clear(tmp_path, case, message, capsys):
 
 # --------------------------------------------------------------------------- logs and curves
 
-def test_parse_log_reads_every_line_kind(tmp_path):
-    path = tmp_path / "log.txt"
-    path.write_text(LOG_LINES)
-    records = parse_log(path)
-    kinds = [r.kind for r in records]
+def test_read_log_gives_back_every_score(tmp_path):
+    records = read_log(_write(tmp_path / "log.txt", LOG_LINES))
+    assert records == [r for r in RECORDS if isinstance(r, Score)]
+    kinds = [kind_of(r) for r in records]
     assert kinds.count("estimate") == 4 and kinds.count("guided") == 4
     assert kinds.count("backward") == 2 and kinds.count("z_prev") == 1 and kinds[-1] == "final"
-    first = records[0]
-    assert (first.t, first.rec, first.distance, first.cosine) == (999, 0.0, 10.0, 0.5)
-    backward = [r for r in records if r.kind == "backward"]
-    assert [(r.rec, r.backward_iter, r.distance) for r in backward] == [(1.7, 0, 4.5), (1.9, 1, 4.0)]
-    z_prev = next(r for r in records if r.kind == "z_prev")
-    assert (z_prev.t, z_prev.rec, z_prev.cosine) == (999, 1.0, 0.65)
-    assert (records[-1].t, records[-1].distance, records[-1].cosine) == (-1, 0.25, 0.99)
 
 
-def test_parse_log_without_cosine_and_unfinished_lines(tmp_path):
-    old = "\n".join(line.split(", xy_cossim:")[0] for line in LOG_LINES.splitlines()[:5])
-    path = tmp_path / "log.txt"
-    path.write_text(old + "\nInterrupted by SIGINT before timestep 999, 2th self-recurrence\n")
-    records = parse_log(path)
+def test_read_log_without_cosine_and_unfinished_lines(tmp_path):
+    old = "".join(OLD_LOG_LINES.splitlines(keepends=True)[:5])
+    path = _write(tmp_path / "log.txt", old + "Interrupted by SIGINT before timestep 999, 2th self-recurrence\n")
+    records = read_log(path)
     assert len(records) == 4 and all(r.cosine is None for r in records)
     assert [r.distance for r in records] == [10.0, 8.0, 6.0, 5.0]
     path.write_text("Elapsed time = 1 sec\nNumerical fault: NaN in the latent\n")
     with pytest.raises(FigureError, match="no score lines"):
-        parse_log(path)
+        read_log(path)
 
 
 def test_plot_log_says_when_the_cosine_is_missing(tmp_path):
-    records = parse_log(_write(tmp_path / "new.txt", LOG_LINES))
-    old = parse_log(_write(tmp_path / "old.txt", "\n".join(
-        line.split(", xy_cossim:")[0] for line in LOG_LINES.splitlines())))
+    records = read_log(_write(tmp_path / "new.txt", LOG_LINES))
+    old = read_log(_write(tmp_path / "old.txt", OLD_LOG_LINES))
     figure = plot_log([("old", old)], [tmp_path / "old.png"])
     assert len(figure.axes) == 1 and "no cosine similarity" in figure.get_suptitle()
     figure = plot_log([("new", records), ("old", old)], [tmp_path / "both.png"], kind="guided")
@@ -255,7 +240,7 @@ def test_plot_log_says_when_the_cosine_is_missing(tmp_path):
     left, right = distance_axis.get_xlim()
     assert left > 999 and right < 0                     # noisiest timestep on the left
     with pytest.raises(FigureError, match="kinds present"):
-        plot_log([("old", [r for r in old if r.kind != "backward"])], [tmp_path / "x.png"], kind="backward")
+        plot_log([("old", [r for r in old if kind_of(r) != "backward"])], [tmp_path / "x.png"], kind="backward")
 
 
 def test_cli_curves_writes_valid_png_and_pdf(tmp_path, capsys):
@@ -296,7 +281,7 @@ def test_real_toy_runs_to_mosaic_and_curves(tmp_path, capsys):
     """Two toy extractors decode the same shipped target (a few iterations each), then both
     figures are made from their folders."""
     from ldm.extractors.toy import TOY_EXTRACTORS
-    from ldm.guided_run import main as guided_main
+    from ldm.cli import main as guided_main
     from ldm.toy.defaults import TOY_CKPT, TOY_CKPT_HINT, TOY_CONFIG, TOY_DEFAULTS
 
     target = REPO / "data" / "toy" / "toy_00_red_circle.png"
@@ -319,5 +304,5 @@ def test_real_toy_runs_to_mosaic_and_curves(tmp_path, capsys):
     code, out, err = run_cli(["curves", tmp_path / "study", "--out", tmp_path / "curves"], capsys)
     assert code == 0, err
     assert (tmp_path / "curves.pdf").read_bytes().startswith(b"%PDF")
-    kinds = {r.kind for r in parse_log(tmp_path / "study" / "toy_shape" / "log.txt")}
+    kinds = {kind_of(r) for r in read_log(tmp_path / "study" / "toy_shape" / "log.txt")}
     assert kinds == {"estimate", "guided", "final"}

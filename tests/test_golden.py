@@ -91,7 +91,7 @@ def tiny_args(sd_files: Path, folder: Path, *extra, prompt=(TARGETS[0],)) -> lis
 
 
 def run_tiny(sd_files: Path, folder: Path, *extra, prompt=(TARGETS[0],), code: int = 0) -> None:
-    from ldm.guided_run import main
+    from ldm.cli import main
     from tiny_models import TinyExtractor
 
     assert main(TinyExtractor, argv=tiny_args(sd_files, folder, *extra, prompt=prompt)) == code
@@ -99,7 +99,7 @@ def run_tiny(sd_files: Path, folder: Path, *extra, prompt=(TARGETS[0],), code: i
 
 def golden_runs(sd_files: Path, root: Path) -> dict:
     from ldm.extractors.toy import TOY_EXTRACTORS
-    from ldm.guided_run import main
+    from ldm.cli import main
     from ldm.toy.defaults import TOY_CKPT, TOY_CKPT_HINT, TOY_CONFIG, TOY_DEFAULTS
 
     run_tiny(sd_files, root / "forward", *FORWARD)
@@ -119,10 +119,10 @@ def golden_runs(sd_files: Path, root: Path) -> dict:
 def record_resume_state(sd_files: Path, work: Path) -> None:
     """The forward run stopped as by SIGINT after RESUME_AT iterations: the folder as the code
     of the time left it (resume state, log, metrics.json, best image and intermediates so far)."""
-    import ldm.guided_run as guided_run
-    from ldm.run_state import peek_run
+    import ldm.cli.command as guided_run
+    from ldm.run_folder import peek_run
 
-    class StopAfter(guided_run._StopOnSignals):
+    class StopAfter(guided_run.StopOnSignals):
         polls = 0
 
         def __call__(self):
@@ -131,11 +131,11 @@ def record_resume_state(sd_files: Path, work: Path) -> None:
                 self.signum = signal.SIGINT
             return self.signum is not None
 
-    original, guided_run._StopOnSignals = guided_run._StopOnSignals, StopAfter
+    original, guided_run.StopOnSignals = guided_run.StopOnSignals, StopAfter
     try:
         run_tiny(sd_files, work, *FORWARD, code=130)
     finally:
-        guided_run._StopOnSignals = original
+        guided_run.StopOnSignals = original
     shutil.rmtree(GOLDEN / "resume", ignore_errors=True)
     shutil.copytree(work, GOLDEN / "resume")
     assert peek_run(GOLDEN / "resume" / "resume_state.safetensors")["sampler"]["iterations"] == RESUME_AT

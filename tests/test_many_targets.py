@@ -3,7 +3,6 @@ target, reruns that skip finished targets, resumption of an interrupted batch, f
 arithmetic targets, the Python API, and torchrun sharding (gloo, 2 processes)."""
 import io
 import json
-import os
 import re
 import signal
 import socket
@@ -16,15 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-import ldm.guided_run as guided_run
 from ldm.api import decode
-from ldm.guided_run import main
+from ldm.cli import main
+from ldm.cli.signals import StopOnSignals
 from ldm.models.diffusion.feature_guidance import GuidanceSettings
 from ldm.sharding import Shard, current_shard
-from tiny_models import TinyExtractor, tiny_model, write_tiny_sd
+from tiny_models import REPO, TinyExtractor, start_runner, tiny_model, write_tiny_sd
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 EXAMPLES = REPO / "data/examples"
 IMAGES = [EXAMPLES / name for name in ("chelsea.jpg", "coffee.jpg", "rocket.jpg")]
 T = 20
@@ -141,7 +138,7 @@ def test_interrupted_batch_resumes_to_the_same_result(sd_files, tmp_path, capsys
     args = args_for(sd_files, root, *IMAGES, extra=["--batch_size", "3"])
     assert cli(args_for(sd_files, tmp_path / "ref", *IMAGES, extra=["--batch_size", "3"]), capsys)[0] == 0
     with monkeypatch.context() as m:
-        m.setattr(guided_run._StopOnSignals, "__call__", stop_after_some_iterations)
+        m.setattr(StopOnSignals, "__call__", stop_after_some_iterations)
         code, out, err = cli(args, capsys)
     assert code == 130 and "To resume:" in err and "--resume" in err
     for image in IMAGES:
@@ -199,7 +196,7 @@ def test_python_api(sd_files):
     assert len(results) == 2
     for result in results:
         assert result.final.shape == (3, 16, 16) and 0 <= result.final.min() and result.final.max() <= 1
-        assert result.metrics["final"]["squared_distance"] >= 0 and result.log[-1].startswith("-1th timestep")
+        assert result.metrics["final"]["squared_distance"] >= 0 and result.scores[-1].stage == "final"
         assert Decoded_to_pil_ok(result)
     unguided = decode(str(IMAGES[0]), extractor, model=model, height=16, width=16, device="cpu",
                       progress=False, settings=GuidanceSettings(num_steps=(3, 1), early_emp_end=15, timesteps=8))
@@ -228,51 +225,38 @@ def test_current_shard_reads_torchrun_variables(monkeypatch):
         current_shard()
 
 
-RUNNER = f"""import sys
-sys.path.insert(0, {str(TESTS)!r})
-from tiny_models import TinyExtractor
-from ldm.guided_run import main
-
-if __name__ == "__main__":
-    sys.exit(main(TinyExtractor))
-"""
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def torchrun(sd_files, script, args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
-               *map(str, args)]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def torchrun(sd_files, args) -> subprocess.CompletedProcess:
+    runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    out, err = (proc := start_runner(sd_files, args, runner)).communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_torchrun_shards_targets_over_two_gloo_processes(sd_files, alone, tmp_path):
-    script = tmp_path / "tiny_guided.py"
-    script.write_text(RUNNER)
     for n in range(2):
         np.save(tmp_path / f"feature_{n}.npy", np.random.default_rng(n).normal(size=8).astype(np.float32))
     targets = [IMAGES[0], IMAGES[1], tmp_path / "feature_0.npy", tmp_path / "feature_1.npy"]
     root = tmp_path / "study"
-    done = torchrun(sd_files, script, args_for(sd_files, root, *targets, extra=["--batch_size", "1"]))
+    done = torchrun(sd_files, args_for(sd_files, root, *targets, extra=["--batch_size", "1"]))
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         assert f"[rank {rank}/2] batch 1 of 2" in done.stdout and f"[rank {rank}/2] batch 2 of 2" in done.stdout
-    for label in ("chelsea", "coffee", "feature_0", "feature_1"):
+    for label in ("chelsea", "coffee", "feature_0_npy", "feature_1_npy"):
         assert json.loads((root / label / "metrics.json").read_text())["finished"], label
     # Sharded results equal the same targets decoded alone in one process.
     assert_same_run(root / "chelsea", alone / "chelsea")
     index = json.loads((root / "index.json").read_text())
     assert {e["label"]: e["status"] for e in index["targets"]} == dict.fromkeys(
-        ["chelsea", "coffee", "feature_0", "feature_1"], "finished")
+        ["chelsea", "coffee", "feature_0_npy", "feature_1_npy"], "finished")
     (root / "coffee" / "metrics.json").unlink()       # lose one result: a rerun redoes only it
     (root / "coffee" / "out_img.png").unlink()
-    again = torchrun(sd_files, script, args_for(sd_files, root, *targets, extra=["--batch_size", "1"]))
+    again = torchrun(sd_files, args_for(sd_files, root, *targets, extra=["--batch_size", "1"]))
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipping 3 finished target(s)") == 2
     assert "nothing to decode" in again.stdout and "Decoding image target" in again.stdout

@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 import ldm.extractors.weights as W
-from ldm.extractors import (EXTRACTORS, ClipRN50Extractor, ExtractorSpec, ExtractorSpecError,
+from ldm.extractors import (LIBRARIES, ClipRN50Extractor, ExtractorSpec, ExtractorSpecError,
                             FeatureExtractor, ModuleExtractor, ResNet50Extractor,
                             TextTargetNotSupported, TorchvisionExtractor, UnknownLayerError,
                             VitH14Extractor, WeightsNotFoundError, build_extractor,
@@ -101,7 +101,9 @@ def test_text_support_known_from_the_spec():
 
 def test_listing():
     names = list_extractors()
-    assert set(EXTRACTORS) <= set(names)
+    assert {"resnet50", "clip_rn50", "vit_h_14", "toy_shape", "toy_colour", "toy_all"} <= set(names)
+    assert set(LIBRARIES) == {"torchvision", "timm", "open_clip", "toy"}          # registered
+    assert list_extractors("toy") == ["toy:shape", "toy:colour", "toy:all"]
     assert {"torchvision:resnet50", "torchvision:vit_h_14", "open_clip:RN50"} <= set(names)
     assert "torchvision:convnext_tiny" in list_extractors("torchvision")
     assert "timm:test_vit" in list_extractors("timm")
@@ -166,7 +168,8 @@ def test_paper_entries_build_the_paper_classes():
     extractor = build_extractor("torchvision:resnet50", weights="random")
     assert type(extractor) is ResNet50Extractor and extractor.name == "torchvision:resnet50"
     # the reference's target transform, not the weights' own (256 bilinear)
-    assert (extractor.resize_size, extractor.interpolation) == (None, InterpolationMode.BICUBIC)
+    p = extractor.preprocessing
+    assert (p.resize_size, p.interpolation, p.generated) == (None, InterpolationMode.BICUBIC, "reference")
     alias = build_extractor("resnet50@layer2", weights="random")
     assert type(alias) is ResNet50Extractor and alias.name == "resnet50@layer2"
     assert alias(torch.zeros(1, 3, 64, 64)).shape == (1, 512)
@@ -211,9 +214,10 @@ def test_timm_preprocessing_from_pretrained_cfg(photo):
     extractor = build_extractor("timm:test_resnet", weights="random")
     cfg = extractor.model.pretrained_cfg
     assert (cfg["input_size"], cfg["interpolation"], cfg["crop_pct"]) == ((3, 160, 160), "bilinear", 0.95)
-    assert (extractor.input_size, extractor.resize_size) == (160, 168)  # floor(160 / 0.95)
-    assert extractor.interpolation == InterpolationMode.BILINEAR
-    assert (extractor.mean, extractor.std) == (cfg["mean"], cfg["std"]) == ((0.5,) * 3, (0.5,) * 3)
+    p = extractor.preprocessing
+    assert (p.input_size, p.resize_size) == (160, 168)  # floor(160 / 0.95)
+    assert p.interpolation == InterpolationMode.BILINEAR
+    assert (p.mean, p.std) == (cfg["mean"], cfg["std"]) == ((0.5,) * 3, (0.5,) * 3)
     library = timm.data.create_transform(**timm.data.resolve_data_config(model=extractor.model))
     torch.testing.assert_close(extractor.preprocess_image(photo)[0], library(photo), rtol=0, atol=1e-6)
     assert extractor.virtual_save(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 160, 160)
@@ -224,7 +228,8 @@ def test_timm_vit_tokens():
     spatial = build_extractor("timm:test_vit@blocks.0", weights="random", spatial=True)
     spatial.load_state_dict(pooled.state_dict())
     model = pooled.model
-    assert (pooled.prefix_tokens, pooled.class_token, pooled.token_grid) == (1, True, (10, 10))
+    r = pooled.readout
+    assert (r.prefix_tokens, r.class_token, r.token_grid) == (1, True, (10, 10))
     x = batch(160)
     with torch.no_grad():
         tokens = model.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(x))))
@@ -274,8 +279,9 @@ def test_torchvision_generic_file_and_transforms(tmp_path, photo):
         original.fc = nn.Identity()
         torch.testing.assert_close(extractor.encode(x), original(x), rtol=0, atol=0)
     transforms = ResNet18_Weights.IMAGENET1K_V1.transforms()
-    assert (extractor.input_size, extractor.resize_size) == (224, 256)
-    assert extractor.interpolation == transforms.interpolation == InterpolationMode.BILINEAR
+    p = extractor.preprocessing
+    assert (p.input_size, p.resize_size, p.generated) == (224, 256, "target")
+    assert p.interpolation == transforms.interpolation == InterpolationMode.BILINEAR
     torch.testing.assert_close(extractor.preprocess_image(photo)[0], transforms(photo), rtol=0, atol=1e-6)
 
 

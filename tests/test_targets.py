@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from ldm.objectives import FeatureDistance, parse_channels, squared_distance
 from ldm.targets import (Target, TargetError, expand_targets, load_feature_file, parse_target,
-                         read_target_list, target_features)
+                         read_target_list, target_features, unique_labels)
 
 REPO = Path(__file__).resolve().parents[1]
 CAT = str(REPO / "data/examples/chelsea.jpg")
@@ -35,10 +35,11 @@ def test_kinds_and_labels(tmp_path):
     ("missing.png", "looks like an image path, but no such file exists"),
     ("missing.npy", "looks like a feature file path"),
     ('image("missing.png") + text("x")', "image('missing.png'): no such file"),
-    ('image("a.png"', "does not parse"),
+    ('image("a.png") / (1 - 1)', "divides by zero"),
+    ('image + text("x")', "'image' alone is not a term"),
     ('__import__("os").system("true") + text("x")', "is not one of image"),
     ('text("a").upper() + text("b")', "is not one of image"),
-    ('text("a") + os', "unknown name 'os'"),
+    ('text("a") + os', "'os' alone is not a term"),
     ('text("a") + [1]', "is not allowed"),
     ('text(1) + text("b")', "is not one of image"),
     ("", "empty target"),
@@ -46,6 +47,31 @@ def test_kinds_and_labels(tmp_path):
 def test_bad_targets_are_named(spec, message):
     with pytest.raises(TargetError, match=re.escape(message)):
         parse_target(spec)
+
+
+def test_what_is_not_python_is_a_caption():
+    """Captions with parentheses (or an unclosed one) are text, with a warning saying why."""
+    for caption in ("a photo of an image (blurry)", 'image("a.png"'):
+        with pytest.warns(UserWarning, match="is read as a text prompt"):
+            target = parse_target(caption)
+        assert (target.kind, target.source) == ("text", caption)
+    long = "a photo of a dog " * 40          # over the file system's 255-byte name limit
+    assert parse_target(long).kind == "text" and expand_targets([long])[0].kind == "text"
+
+
+def test_labels_never_collide_and_avoid_reserved_names():
+    targets = [Target("image", f"{d}/{n}", stem) for d, n, stem in
+               (("a", "x.png", "x"), ("b", "x.png", "x"), ("c", "x_2.png", "x_2"), ("d", "X.png", "X"),
+                ("e", "index.json.png", "index.json"))]
+    # case-insensitive, as macOS and Windows folders are: X is x, and x_2, x_3 are taken
+    assert [t.label for t in unique_labels(targets)] == ["x", "x_3", "x_2", "X_4", "index.json_2"]
+
+
+def test_feature_files_keep_their_suffix_in_the_label(tmp_path):
+    for suffix in (".npy", ".pt"):
+        path = tmp_path / f"feat{suffix}"
+        path.write_bytes(b"x")
+        assert parse_target(str(path)).label == f"feat_{suffix[1:]}"
 
 
 def test_folders_lists_and_unique_labels(tmp_path):

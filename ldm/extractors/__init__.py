@@ -8,17 +8,17 @@
 Specs are `library:model[@layer]` (see `ldm.extractors.registry`); the old short names
 (resnet50, clip_rn50, vit_h_14, toy_*) stay valid.
 """
-from ldm.extractors.base import (ExtractorSpecError, FeatureExtractor, TextTargetNotSupported,
-                                 UnknownLayerError)
+from ldm.extractors.base import FeatureExtractor
+from ldm.extractors.errors import ExtractorSpecError, TextTargetNotSupported, UnknownLayerError
 from ldm.extractors.clip import ClipRN50Extractor, OpenClipExtractor
 from ldm.extractors.module import ModuleExtractor
-from ldm.extractors.registry import (EXTRACTORS, LIBRARIES, ExtractorSpec, build_extractor,
+from ldm.extractors.registry import (LIBRARIES, ExtractorSpec, build_extractor,
                                      list_extractors, list_layers, parse_spec)
 from ldm.extractors.torchvision_models import (ResNet50Extractor, TorchvisionExtractor,
                                                VitH14Extractor)
 from ldm.extractors.weights import WeightsNotFoundError
 
-__all__ = ["EXTRACTORS", "LIBRARIES", "ClipRN50Extractor", "ExtractorSpec", "ExtractorSpecError",
+__all__ = ["LIBRARIES", "ClipRN50Extractor", "ExtractorSpec", "ExtractorSpecError",
            "FeatureExtractor", "ModuleExtractor", "OpenClipExtractor", "ResNet50Extractor",
            "TextTargetNotSupported", "TorchvisionExtractor", "UnknownLayerError",
            "VitH14Extractor", "WeightsNotFoundError", "build_extractor", "list_extractors",

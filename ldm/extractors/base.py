@@ -2,7 +2,7 @@
 
 An extractor maps images to features: one vector [B, D] per image by default, or, with a layer
 and `spatial=True`, one map [B, C, H, W]. It knows nothing about diffusion or guidance.
-Subclasses set the preprocessing constants and implement `embed` (the model's default feature);
+Subclasses set their `Preprocessing` record and implement `embed` (the model's default feature);
 the base class adds the rest: reading an intermediate layer (`layer`, see `ldm.extractors.layers`),
 the target transform and the differentiable "virtual save" of generated images.
 """
@@ -10,47 +10,17 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ldm.extractors.errors import ExtractorSpecError, TextTargetNotSupported
+from ldm.extractors.layers import find_layer, read_layer
+from ldm.extractors.preprocessing import Preprocessing, Readout
 
-
-class TextTargetNotSupported(ValueError):
-    pass
-
-
-class ExtractorSpecError(ValueError):
-    """An extractor spec (`library:model[@layer]`), weights tag or option that cannot work; the
-    message says what is valid. The CLI prints these as usage errors."""
-
-
-class UnknownLayerError(ExtractorSpecError):
-    """`@layer` names no submodule of the model; the message lists valid names nearby."""
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image → 8-bit RGB, upright: EXIF orientation applied, then `.convert("RGB")` as
-    the reference's loader did (grey, palette, RGBA, CMYK ...). 16-bit greyscale ("I;16*", and
-    "I" with values above 255) is first scaled to 8 bits (v / 257), which `.convert` would
-    instead clip to 255."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I;16") or image.mode == "I":
-        values = np.asarray(image).astype(np.float64)
-        if image.mode != "I" or values.max(initial=0) > 255:
-            values = values.clip(0, 65535) / 257
-        image = Image.fromarray(np.round(values.clip(0, 255)).astype(np.uint8))  # mode L
-    return image.convert("RGB")
-
-
-def round_straight_through(x: torch.Tensor) -> torch.Tensor:
-    """Forward value round(x), gradient of the identity."""
-    return x + (torch.round(x) - x).detach()
+# Attributes that used to be set one by one; they live in `preprocessing` and `readout` now.
+_RECORD_FIELDS = ("input_size", "resize_size", "interpolation", "resize_mode", "mean", "std",
+                  "antialias", "prefix_tokens", "class_token", "channels_last", "token_grid")
 
 
 class _class_or_instance_method:
@@ -64,39 +34,34 @@ class _class_or_instance_method:
 
 
 class FeatureExtractor(nn.Module):
-    """Base class. Subclasses set `name`, `input_size`, `mean`, `std` and implement `embed`
-    (or, for a model without layer support, override `encode` itself).
+    """Base class. Subclasses set `name` and `preprocessing` (a `Preprocessing`: input size,
+    resize, interpolation, mean, std) and implement `embed` (or, for a model without layer
+    support, override `encode` itself).
 
-    - `input_size`: side of the square image the model sees (224 for ResNet-50, 518 for ViT-H/14).
-    - `resize_size`, `interpolation`, `resize_mode`: the target transform resizes the shorter
-      side (`"shorter"`) or both sides (`"squash"`) to `resize_size` (None: `input_size`) with
-      `interpolation`, then centre-crops `input_size`.
-    - `antialias`: whether the bicubic resize of generated images is antialiased. The reference
-      left it to the torchvision default (off up to 0.16, on from 0.17); we choose explicitly.
-    - `log_cosine`: the log lines carry the cosine similarity (on for every extractor).
+    - `readout` (a `Readout`): how layer outputs are read (tokens, channels-last maps).
     - `layer`, `spatial`: read the output of submodule `layer` (a path in `layer_root()`)
       instead of `embed`; pooled to [B, C] unless `spatial` (see `ldm.extractors.layers`).
-    - `prefix_tokens`, `class_token`, `channels_last`, `token_grid`: how to read the model's
-      layer outputs: [B, N, C] token sequences start with `prefix_tokens` non-patch tokens
-      (the first of which is a class token if `class_token`), 4-D maps are [B, H, W, C] if
-      `channels_last`, and patch tokens form a `token_grid` (h, w) (None: a square).
+    - `log_cosine`: the log lines carry the cosine similarity (on for every extractor).
     """
 
     name: str = "extractor"
-    input_size: int = 224
-    resize_size: int | None = None
-    interpolation: InterpolationMode = InterpolationMode.BICUBIC
-    resize_mode: str = "shorter"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    antialias: bool = True
+    preprocessing: Preprocessing = Preprocessing()
+    readout: Readout = Readout()
     log_cosine: bool = True
     layer: str | None = None
     spatial: bool = False
-    prefix_tokens: int = 0
-    class_token: bool = False
-    channels_last: bool = False
-    token_grid: tuple[int, int] | None = None
+    weights_tag: str | None = None   # the library tag of the weights loaded, when known
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        stray = [name for name in _RECORD_FIELDS if name in vars(cls)]
+        if stray:
+            raise TypeError(f"{cls.__name__} sets {', '.join(stray)}: set them in its "
+                            "`preprocessing = Preprocessing(...)` or `readout = Readout(...)`")
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocessing.input_size
 
     # --- features ------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +74,6 @@ class FeatureExtractor(nn.Module):
         output pooled [B, C] or, if `spatial`, as a map [B, C, H, W]."""
         if self.layer is None:
             return self.embed(x)
-        from ldm.extractors.layers import read_layer
         return read_layer(self, x)
 
     def layer_root(self) -> nn.Module:
@@ -125,7 +89,6 @@ class FeatureExtractor(nn.Module):
                     f"{self.name}: spatial=True needs a layer, whose map is kept: add "
                     "`@<layer>` to the spec, e.g. torchvision:resnet50@layer4")
         else:
-            from ldm.extractors.layers import find_layer
             find_layer(self.layer_root(), layer, self.name)
         self.layer, self.spatial = layer, spatial
         return self
@@ -165,15 +128,8 @@ class FeatureExtractor(nn.Module):
 
     # --- targets ------------------------------------------------------------------------------
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        """PIL target → [1, 3, S, S]: RGB, resize to `resize_size` (see the class doc;
-        the reference's: shorter side to S, bicubic), centre crop S, to tensor, normalise."""
-        image = to_rgb(image)
-        size = self.resize_size or self.input_size
-        image = TF.resize(image, [size, size] if self.resize_mode == "squash" else size,
-                          interpolation=self.interpolation)
-        image = TF.center_crop(image, self.input_size)
-        x = TF.normalize(TF.to_tensor(image), self.mean, self.std)
-        return x.unsqueeze(0)
+        """PIL target → normalised [1, 3, S, S] (see `Preprocessing.target`)."""
+        return self.preprocessing.target(image)
 
     @torch.no_grad()
     def image_features(self, image: Image.Image) -> torch.Tensor:
@@ -181,15 +137,9 @@ class FeatureExtractor(nn.Module):
 
     # --- generated images (differentiable) -----------------------------------------------------
     def virtual_save(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] → normalised model input, imitating saving to 8-bit and reloading:
-        ×255, round, bicubic resize to S, round, /255, normalise. Rounding is straight-through,
-        and, as in the reference, values are not clamped to [0, 255]."""
-        x = round_straight_through((images + 1) / 2 * 255)
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            x = TF.resize(x, [self.input_size, self.input_size],
-                          interpolation=InterpolationMode.BICUBIC, antialias=self.antialias)
-        x = round_straight_through(x) / 255
-        return TF.normalize(x, self.mean, self.std)
+        """Images in [-1, 1] → normalised model input, imitating saving to 8-bit and reloading
+        (see `Preprocessing.generated_images`)."""
+        return self.preprocessing.generated_images(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Generated images in [-1, 1] → float32 features [B, D] (or [B, C, H, W])."""

@@ -17,8 +17,10 @@ import warnings
 import torch
 from torchvision.transforms import InterpolationMode
 
-from ldm.extractors.base import ExtractorSpecError, FeatureExtractor
-from ldm.extractors.weights import (OPENAI_CLIP_EXTRA_KEYS, RANDOM, build_model, is_weights_file,
+from ldm.extractors.base import FeatureExtractor
+from ldm.extractors.errors import ExtractorSpecError
+from ldm.extractors.preprocessing import Preprocessing, Readout
+from ldm.extractors.weights import (OPENAI_CLIP_EXTRA_KEYS, build_model, weights_kind,
                                     open_clip_source)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -33,9 +35,10 @@ TORCHSCRIPT_HINT = (
     "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'RN50-openai.safetensors')\"")
 
 
-def open_clip_tag(model_name: str, weights) -> str:
-    """The pretrained tag meant by `weights` (None: "openai" if the model has it, else its first
-    tag), checked against open_clip's list."""
+def open_clip_tag(model_name: str, weights, file_tag: str | None = None) -> str:
+    """The pretrained tag meant by `weights` (a tag; for a file, `file_tag` or the default;
+    the default: "openai" if the model has it, else its first tag), checked against open_clip's
+    list."""
     import open_clip
     if model_name not in open_clip.list_models():
         close = difflib.get_close_matches(model_name, open_clip.list_models(), n=6, cutoff=0.5)
@@ -47,12 +50,13 @@ def open_clip_tag(model_name: str, weights) -> str:
     if weights is None and not tags:
         raise ExtractorSpecError(f"open_clip:{model_name} has no pretrained weights: pass a local "
                                  "file, or \"random\"")
-    if weights in (None, RANDOM) or is_weights_file(weights):
+    tag = str(weights) if weights_kind(weights) == "tag" else file_tag
+    if tag is None:
         return "openai" if "openai" in tags else (tags[0] if tags else "")
-    if weights not in tags:
-        raise ExtractorSpecError(f"open_clip:{model_name} has no pretrained tag {weights!r}; its "
+    if tag not in tags:
+        raise ExtractorSpecError(f"open_clip:{model_name} has no pretrained tag {tag!r}; its "
                                  f"tags: {', '.join(tags) or 'none'} (or \"random\", or a local file)")
-    return str(weights)
+    return tag
 
 
 class OpenClipExtractor(FeatureExtractor):
@@ -72,13 +76,15 @@ class OpenClipExtractor(FeatureExtractor):
     model_name: str = ""
     pretrained_tag: str = ""
     tokenizer = None  # loaded on first use (some tokenizers come from the Hugging Face Hub)
+    preprocessing = Preprocessing(generated="target")
 
     def __init__(self, model_name: str | None = None, weights: str | None = None, device="cpu",
-                 *, layer: str | None = None, spatial: bool = False):
+                 *, layer: str | None = None, spatial: bool = False, tag: str | None = None):
         super().__init__()
         import open_clip
         self.model_name = model_name or self.model_name
-        self.pretrained_tag = open_clip_tag(self.model_name, weights)
+        self.pretrained_tag = open_clip_tag(self.model_name, weights, tag)
+        self.weights_tag = self.pretrained_tag or None
         if type(self) is OpenClipExtractor:
             self.name = f"open_clip:{self.model_name}"
         cfg = open_clip.get_pretrained_cfg(self.model_name, self.pretrained_tag) or {}
@@ -94,16 +100,21 @@ class OpenClipExtractor(FeatureExtractor):
             check=check, heads=(), ignorable=OPENAI_CLIP_EXTRA_KEYS,
             torchscript_hint=TORCHSCRIPT_HINT, expected=f"open_clip {self.model_name} {tag}")
         self.freeze()
-        visual = self.model.visual
-        size = getattr(visual, "image_size", self.input_size)
-        self.input_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.mean = tuple(cfg.get("mean", self.mean))
-        self.std = tuple(cfg.get("std", self.std))
-        self.interpolation = InterpolationMode(cfg.get("interpolation", "bicubic"))
-        self.resize_mode = "squash" if cfg.get("resize_mode") == "squash" else "shorter"
-        if getattr(visual, "class_embedding", None) is not None:  # ViT towers
-            self.prefix_tokens, self.class_token = 1, True
+        self.preprocessing = self.tag_preprocessing(cfg)
+        if getattr(self.model.visual, "class_embedding", None) is not None:  # ViT towers
+            self.readout = Readout(prefix_tokens=1, class_token=True)
         self.to(device)
+
+    def tag_preprocessing(self, cfg: dict) -> Preprocessing:
+        """The tag's mean, std, interpolation and resize mode at the image tower's size."""
+        base = type(self).preprocessing
+        size = getattr(self.model.visual, "image_size", base.input_size)
+        return Preprocessing(
+            input_size=int(size[0] if isinstance(size, (tuple, list)) else size),
+            interpolation=InterpolationMode(cfg.get("interpolation", "bicubic")),
+            resize_mode="squash" if cfg.get("resize_mode") == "squash" else "shorter",
+            mean=tuple(cfg.get("mean", base.mean)), std=tuple(cfg.get("std", base.std)),
+            generated=base.generated)
 
     def architecture(self, cfg: dict) -> torch.nn.Module:
         """open_clip's model, random init, QuickGELU if the tag was trained with it."""
@@ -164,16 +175,14 @@ class ClipRN50Extractor(OpenClipExtractor):
     """
 
     name = "clip_rn50"
-    input_size = 224
-    mean = OPENAI_CLIP_MEAN
-    std = OPENAI_CLIP_STD
+    preprocessing = Preprocessing(input_size=224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
     feature_dim = 1024
     model_name = "RN50"
     pretrained_tag = "openai"
 
     def __init__(self, weights: str | None = None, device="cpu", *, layer: str | None = None,
                  spatial: bool = False):
-        if weights not in (None, RANDOM, self.pretrained_tag) and not is_weights_file(weights):
+        if weights_kind(weights) == "tag" and weights != self.pretrained_tag:
             raise ExtractorSpecError(
                 f"ClipRN50Extractor uses OpenAI's weights; for {weights!r} use "
                 f"build_extractor('open_clip:RN50', weights={weights!r})")

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import difflib
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ldm.extractors.base import ExtractorSpecError, FeatureExtractor, UnknownLayerError
+from ldm.extractors.errors import ExtractorSpecError, UnknownLayerError
+
+if TYPE_CHECKING:   # the extractor is passed in; the base class imports this module
+    from ldm.extractors.base import FeatureExtractor
 
 _SHOWN = 24
 
@@ -95,16 +99,17 @@ def first_tensor(output, extractor: FeatureExtractor) -> torch.Tensor:
 
 def to_feature(out: torch.Tensor, ex: FeatureExtractor) -> torch.Tensor:
     where = f"{ex.name}: layer {ex.layer!r} outputs shape {tuple(out.shape)}"
+    readout = ex.readout
     if out.dim() == 4:
-        if ex.channels_last:
+        if readout.channels_last:
             out = out.permute(0, 3, 1, 2)
         return out if ex.spatial else out.mean(dim=(2, 3))
     if out.dim() == 3:
-        patches = out[:, ex.prefix_tokens:]
+        patches = out[:, readout.prefix_tokens:]
         if not ex.spatial:
-            return out[:, 0] if ex.class_token else patches.mean(dim=1)
+            return out[:, 0] if readout.class_token else patches.mean(dim=1)
         n = patches.shape[1]
-        h, w = ex.token_grid or (math.isqrt(n), math.isqrt(n))
+        h, w = readout.token_grid or (math.isqrt(n), math.isqrt(n))
         if h * w != n:
             raise ExtractorSpecError(f"{where}: {n} patch tokens do not form a "
                                      f"{h}x{w} grid, so spatial=True cannot make a map")

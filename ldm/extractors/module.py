@@ -13,8 +13,9 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from ldm.extractors.base import (IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor,
-                                 round_straight_through, to_rgb)
+from ldm.extractors.base import FeatureExtractor
+from ldm.extractors.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, Preprocessing, Readout,
+                                          round_straight_through, to_rgb)
 
 Preprocess = Callable[[torch.Tensor], torch.Tensor]
 
@@ -33,20 +34,22 @@ class ModuleExtractor(FeatureExtractor):
     [0, 1] of shape [B, 3, H, W] (any H, W) to the module's input. Generated images still go
     through the 8-bit straight-through rounding of `virtual_save` before it.
 
-    Token outputs [B, N, C]: set `prefix_tokens`/`class_token` (attributes) if the module has
-    class or register tokens; by default all tokens are patch tokens, pooled by their mean.
+    Token outputs [B, N, C]: pass `readout=Readout(prefix_tokens=1, class_token=True)` if the
+    module has a class token; by default all tokens are patch tokens, pooled by their mean.
     """
 
     def __init__(self, module: nn.Module, *, preprocess: Preprocess | None = None,
                  input_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, resize_size: int | None = None,
                  interpolation: InterpolationMode = InterpolationMode.BICUBIC,
-                 layer: str | None = None, spatial: bool = False, name: str = "module"):
+                 layer: str | None = None, spatial: bool = False, name: str = "module",
+                 readout: Readout = Readout()):
         super().__init__()
         self.model = module
         self.preprocess = preprocess
-        self.name, self.input_size, self.resize_size = name, int(input_size), resize_size
-        self.mean, self.std, self.interpolation = tuple(mean), tuple(std), interpolation
+        self.name, self.readout = name, readout
+        self.preprocessing = Preprocessing(int(input_size), resize_size, interpolation, mean=tuple(mean),
+                                           std=tuple(std), generated="target")
         self.set_layer(layer, spatial)
         self.freeze()
 

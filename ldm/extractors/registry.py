@@ -16,21 +16,44 @@ toy_colour, toy_all (with an optional @layer too); an extractor built from one k
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ldm.extractors.base import ExtractorSpecError, FeatureExtractor
+from ldm.extractors.base import FeatureExtractor
+from ldm.extractors.errors import ExtractorSpecError
 from ldm.extractors.clip import ClipRN50Extractor, OpenClipExtractor
 from ldm.extractors.layers import layer_names
 from ldm.extractors.toy import TOY_EXTRACTORS
 from ldm.extractors.torchvision_models import (ResNet50Extractor, TorchvisionExtractor,
-                                               VitH14Extractor, torchvision_models,
-                                               unknown_torchvision_model)
-from ldm.extractors.weights import RANDOM, is_weights_file
+                                               VitH14Extractor, torchvision_file_tag,
+                                               torchvision_models, unknown_torchvision_model)
+from ldm.extractors.weights import RANDOM, weights_kind
 
 GRAMMAR = "library:model[@layer]"
-LIBRARIES = ("torchvision", "timm", "open_clip", "toy")
+
+
+@dataclass(frozen=True)
+class Library:
+    """One library's entry: how to build one of its models, and how to list them."""
+
+    build: Callable        # (spec, weights, weights_tag, device, spatial) → FeatureExtractor
+    models: Callable       # () → every model name
+    supports_text: bool = False
+
+
+LIBRARIES: dict[str, Library] = {}
+
+
+def register_library(name: str, models: Callable, supports_text: bool = False):
+    """Register the decorated builder as library `name` (timm's @register_model, for libraries)."""
+    def decorate(build):
+        LIBRARIES[name] = Library(build, models, supports_text)
+        return build
+    return decorate
+
+
 # The paper's models and the weights they were run with: with those (or a file, or "random")
 # a spec builds the paper class; another tag builds the generic extractor with its own transforms.
 PAPER: dict[tuple[str, str], tuple[type[FeatureExtractor], str]] = {
@@ -41,9 +64,6 @@ PAPER: dict[tuple[str, str], tuple[type[FeatureExtractor], str]] = {
 ALIASES = {"resnet50": "torchvision:resnet50", "vit_h_14": "torchvision:vit_h_14",
            "clip_rn50": "open_clip:RN50",
            **{name: f"toy:{name.removeprefix('toy_')}" for name in TOY_EXTRACTORS}}
-EXTRACTORS: dict[str, type[FeatureExtractor]] = {
-    "clip_rn50": ClipRN50Extractor, "resnet50": ResNet50Extractor, "vit_h_14": VitH14Extractor,
-    **TOY_EXTRACTORS}
 
 
 @dataclass(frozen=True)
@@ -65,8 +85,8 @@ class ExtractorSpec:
 
     @property
     def supports_text(self) -> bool:
-        """Text targets work (known without building): open_clip's default feature."""
-        return self.library == "open_clip" and self.layer is None
+        """Text targets work (known without building): a text library's default feature."""
+        return LIBRARIES[self.library].supports_text and self.layer is None
 
 
 def _spec_error(spec: str, why: str) -> ExtractorSpecError:
@@ -104,8 +124,68 @@ def parse_spec(spec: str) -> ExtractorSpec:
     return ExtractorSpec(normal, model, layer or None)
 
 
-def build_extractor(spec: str, *, weights: str | None = None, device="cpu",
-                    spatial: bool = False) -> FeatureExtractor:
+def _paper_class(spec: ExtractorSpec, weights, weights_tag):
+    """The paper class of `spec`, if the weights are the paper's (default, file, random)."""
+    paper, paper_tag = PAPER.get((spec.library, spec.model), (None, None))
+    tag = resolved_tag(spec, weights, weights_tag)
+    return paper if paper is not None and tag in (None, paper_tag) else None
+
+
+def resolved_tag(spec: ExtractorSpec, weights, weights_tag: str | None) -> str | None:
+    """The library tag the weights are: a tag given as `weights`, else `weights_tag`, else
+    (torchvision) the tag whose file has that name; None for the library's default."""
+    kind = weights_kind(weights)
+    if kind == "tag":
+        if weights_tag is not None and weights_tag != weights:
+            raise ExtractorSpecError(f"weights {weights!r} and weights tag {weights_tag!r} disagree: "
+                                     "give the tag once")
+        return str(weights)
+    if weights_tag is None and kind == "file" and spec.library == "torchvision":
+        return torchvision_file_tag(spec.model, weights)
+    return weights_tag
+
+
+@register_library("torchvision", models=torchvision_models)
+def _torchvision(spec, weights, weights_tag, device, spatial):
+    if spec.model not in torchvision_models():
+        raise unknown_torchvision_model(spec.model)
+    return TorchvisionExtractor(weights, arch=spec.model, device=device, layer=spec.layer,
+                                spatial=spatial, tag=resolved_tag(spec, weights, weights_tag))
+
+
+def _timm_models() -> list[str]:
+    import timm
+    return timm.list_models()
+
+
+@register_library("timm", models=_timm_models)
+def _timm(spec, weights, weights_tag, device, spatial):
+    from ldm.extractors.timm_models import TimmExtractor
+    return TimmExtractor(spec.model, weights, device=device, layer=spec.layer, spatial=spatial,
+                         tag=weights_tag)
+
+
+def _open_clip_models() -> list[str]:
+    import open_clip
+    return open_clip.list_models()
+
+
+@register_library("open_clip", models=_open_clip_models, supports_text=True)
+def _open_clip(spec, weights, weights_tag, device, spatial):
+    return OpenClipExtractor(spec.model, weights, device=device, layer=spec.layer, spatial=spatial,
+                             tag=weights_tag)
+
+
+@register_library("toy", models=lambda: [name.removeprefix("toy_") for name in TOY_EXTRACTORS])
+def _toy(spec, weights, weights_tag, device, spatial):
+    toy = TOY_EXTRACTORS.get(f"toy_{spec.model}")
+    if toy is None:
+        raise _spec_error(str(spec), "the toy extractors are " + ", ".join(list_extractors("toy")))
+    return toy(weights, device=device, layer=spec.layer, spatial=spatial)
+
+
+def build_extractor(spec: str, *, weights: str | None = None, weights_tag: str | None = None,
+                    device="cpu", spatial: bool = False) -> FeatureExtractor:
     """The extractor named by `spec` (see the module doc), frozen, in eval mode, on `device`.
 
     `weights`: None (the library's default weights, the paper's for the paper models: cache,
@@ -113,29 +193,17 @@ def build_extractor(spec: str, *, weights: str | None = None, device="cpu",
     library (torchvision "IMAGENET1K_V2", timm "a1_in1k", open_clip "laion2b_s34b_b79k"); a
     local file (safe loader, strict keys, with or without the classifier head); or "random":
     random initialisation, nothing read or downloaded (tests, timing).
+    `weights_tag`: the tag a local file holds, for its preprocessing (torchvision's own file
+    names, e.g. resnet50-11ad3fa6.pth, are recognised without it).
     `spatial`: with a layer, keep its map [B, C, H, W] instead of pooling to [B, C].
     Spec, tag or layer mistakes raise ExtractorSpecError (UnknownLayerError for layers) before
     any weights are read."""
     parsed = parse_spec(spec)
-    kwargs = dict(device=device, layer=parsed.layer, spatial=spatial)
-    tag = None if weights in (None, RANDOM) or is_weights_file(weights) else str(weights)
-    paper, paper_tag = PAPER.get((parsed.library, parsed.model), (None, None))
-    if paper is not None and tag in (None, paper_tag):
-        extractor = paper(weights, **kwargs)
-    elif parsed.library == "torchvision":
-        if parsed.model not in torchvision_models():
-            raise unknown_torchvision_model(parsed.model)
-        extractor = TorchvisionExtractor(weights, arch=parsed.model, **kwargs)
-    elif parsed.library == "timm":
-        from ldm.extractors.timm_models import TimmExtractor
-        extractor = TimmExtractor(parsed.model, weights, **kwargs)
-    elif parsed.library == "open_clip":
-        extractor = OpenClipExtractor(parsed.model, weights, **kwargs)
+    paper = _paper_class(parsed, weights, weights_tag)
+    if paper is not None:
+        extractor = paper(weights, device=device, layer=parsed.layer, spatial=spatial)
     else:
-        toy = TOY_EXTRACTORS.get(f"toy_{parsed.model}")
-        if toy is None:
-            raise _spec_error(spec, "the toy extractors are " + ", ".join(list_extractors("toy")))
-        extractor = toy(weights, **kwargs)
+        extractor = LIBRARIES[parsed.library].build(parsed, weights, weights_tag, device, spatial)
     extractor.name = parsed.name
     return extractor
 
@@ -145,17 +213,9 @@ def list_extractors(library: str | None = None) -> list[str]:
     one: every model spec of that library (timm: ~1300 architectures, each takes a tag)."""
     if library is None:
         return [*ALIASES, *ALIASES.values()]
-    if library == "torchvision":
-        return [f"torchvision:{m}" for m in torchvision_models()]
-    if library == "timm":
-        import timm
-        return [f"timm:{m}" for m in timm.list_models()]
-    if library == "open_clip":
-        import open_clip
-        return [f"open_clip:{m}" for m in open_clip.list_models()]
-    if library == "toy":
-        return [ALIASES[n] for n in TOY_EXTRACTORS]
-    raise ExtractorSpecError(f"unknown library {library!r}; libraries: {', '.join(LIBRARIES)}")
+    if library not in LIBRARIES:
+        raise ExtractorSpecError(f"unknown library {library!r}; libraries: {', '.join(LIBRARIES)}")
+    return [f"{library}:{m}" for m in LIBRARIES[library].models()]
 
 
 def list_layers(spec: str) -> list[str]:

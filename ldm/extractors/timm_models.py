@@ -22,17 +22,20 @@ import sys
 import torch
 from torchvision.transforms import InterpolationMode
 
-from ldm.extractors.base import ExtractorSpecError, FeatureExtractor
-from ldm.extractors.weights import RANDOM, build_model, is_weights_file, timm_source
+from ldm.extractors.base import FeatureExtractor
+from ldm.extractors.errors import ExtractorSpecError
+from ldm.extractors.preprocessing import Preprocessing, Readout
+from ldm.extractors.weights import build_model, timm_source, weights_kind
 
 _INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
                    "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.LANCZOS,
                    "box": InterpolationMode.BOX, "hamming": InterpolationMode.HAMMING}
 
 
-def timm_model_name(model: str, weights) -> str:
-    """"arch" or "arch.tag", checked against timm's registry; a tag given as `weights` is
-    appended (or must agree with the one in `model`)."""
+def timm_model_name(model: str, weights, file_tag: str | None = None) -> str:
+    """"arch" or "arch.tag", checked against timm's registry; a tag given as `weights` (or, for
+    a local file, `file_tag`: the tag it holds) is appended (or must agree with the one in
+    `model`)."""
     import timm
     arch, _, tag = model.partition(".")
     if not timm.is_model(arch):
@@ -40,11 +43,12 @@ def timm_model_name(model: str, weights) -> str:
         raise ExtractorSpecError(
             f"timm has no model {arch!r}" + (f"; close matches: {', '.join(close)}" if close else "")
             + " (all of them: timm.list_models())")
-    if weights not in (None, RANDOM) and not is_weights_file(weights):
-        if tag and tag != weights:
-            raise ExtractorSpecError(f"timm:{model} names the tag {tag!r} but weights={weights!r}: "
-                                     "give the tag once")
-        tag = str(weights)
+    given = str(weights) if weights_kind(weights) == "tag" else file_tag
+    if given is not None:
+        if tag and tag != given:
+            raise ExtractorSpecError(f"timm:{model} names the tag {tag!r} but the weights are "
+                                     f"{given!r}: give the tag once")
+        tag = given
     if tag and f"{arch}.{tag}" not in timm.list_pretrained(f"{arch}.*"):
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
         raise ExtractorSpecError(f"timm:{arch} has no pretrained tag {tag!r}; its tags: "
@@ -54,11 +58,12 @@ def timm_model_name(model: str, weights) -> str:
 
 class TimmExtractor(FeatureExtractor):
     def __init__(self, model: str, weights: str | None = None, device="cpu", *,
-                 layer: str | None = None, spatial: bool = False):
+                 layer: str | None = None, spatial: bool = False, tag: str | None = None):
         super().__init__()
         import timm
-        full_name = timm_model_name(model, weights)
+        full_name = timm_model_name(model, weights, tag)
         self.name = f"timm:{full_name}"
+        self.weights_tag = full_name.partition(".")[2] or None
 
         def check(skeleton: torch.nn.Module):
             self.model = skeleton  # layer names are checked before any weights are read
@@ -79,25 +84,25 @@ class TimmExtractor(FeatureExtractor):
             factory, weights, lambda: timm_source(self.model.pretrained_cfg), device=device,
             check=check, heads=heads, filter_fn=filter_fn, expected=f"timm {full_name}")
         self.freeze()
-        self._use_data_config(timm.data.resolve_data_config(model=self.model))
-        self.prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
-        self.class_token = getattr(self.model, "cls_token", None) is not None
-        self.channels_last = str(getattr(self.model, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC")
+        self.preprocessing = self.data_config_preprocessing(timm.data.resolve_data_config(model=self.model))
         grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
-        self.token_grid = tuple(grid) if grid is not None else None
+        self.readout = Readout(
+            prefix_tokens=int(getattr(self.model, "num_prefix_tokens", 0) or 0),
+            class_token=getattr(self.model, "cls_token", None) is not None,
+            channels_last=str(getattr(self.model, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC"),
+            token_grid=tuple(grid) if grid is not None else None)
         self.to(device)
 
-    def _use_data_config(self, config: dict):
+    def data_config_preprocessing(self, config: dict) -> Preprocessing:
         _, h, w = config["input_size"]
         if h != w:
             raise ExtractorSpecError(f"{self.name}: input size {h}x{w} is not square, which the "
                                      "decoder does not support")
-        self.input_size = h
-        self.resize_size = math.floor(h / config.get("crop_pct", 1.0))
-        self.interpolation = _INTERPOLATIONS.get(config.get("interpolation"),
-                                                 InterpolationMode.BICUBIC)
-        self.resize_mode = "squash" if config.get("crop_mode") == "squash" else "shorter"
-        self.mean, self.std = tuple(config["mean"]), tuple(config["std"])
+        return Preprocessing(
+            input_size=h, resize_size=math.floor(h / config.get("crop_pct", 1.0)),
+            interpolation=_INTERPOLATIONS.get(config.get("interpolation"), InterpolationMode.BICUBIC),
+            resize_mode="squash" if config.get("crop_mode") == "squash" else "shorter",
+            mean=tuple(config["mean"]), std=tuple(config["std"]), generated="target")
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)

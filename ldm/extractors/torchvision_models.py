@@ -15,15 +15,39 @@ strict key checking.
 from __future__ import annotations
 
 import difflib
+import os
 from typing import ClassVar
+from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import nn
 from torchvision.models import ResNet50_Weights, ViT_H_14_Weights, resnet50, vit_h_14
 
-from ldm.extractors.base import ExtractorSpecError, FeatureExtractor
-from ldm.extractors.weights import RANDOM, build_model, is_weights_file, torchvision_source
+from ldm.extractors.base import FeatureExtractor
+from ldm.extractors.errors import ExtractorSpecError
+from ldm.extractors.preprocessing import Preprocessing, Readout
+from ldm.extractors.weights import build_model, torchvision_source, weights_kind
+
+
+def weights_preprocessing(member) -> Preprocessing:
+    """The target transform of a torchvision weights member (`member.transforms()`), applied to
+    generated images too."""
+    t = member.transforms()
+    return Preprocessing(input_size=t.crop_size[0], resize_size=t.resize_size[0],
+                         interpolation=t.interpolation, mean=tuple(t.mean), std=tuple(t.std),
+                         generated="target")
+
+
+def torchvision_file_tag(arch: str, path) -> str | None:
+    """The tag of `arch`'s weights whose file has `path`'s name (torchvision's own download
+    names, e.g. mobilenet_v2-b0353104.pth is IMAGENET1K_V1), or None."""
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (KeyError, ValueError):
+        return None
+    name = os.path.basename(str(path))
+    return next((m.name for m in enum if os.path.basename(urlparse(m.url).path) == name), None)
 
 
 def torchvision_models() -> list[str]:
@@ -77,19 +101,19 @@ class TorchvisionExtractor(FeatureExtractor):
     head: ClassVar[str] = ""           # the paper classes' head; found automatically otherwise
     title: ClassVar[str] = ""
     feature_dim: ClassVar[int] = 0
-    reference_preprocessing: ClassVar[bool] = False  # keep the class's constants
 
     def __init__(self, weights: str | None = None, device="cpu", *, arch: str | None = None,
-                 layer: str | None = None, spatial: bool = False):
+                 layer: str | None = None, spatial: bool = False, tag: str | None = None):
         super().__init__()
         self.arch = arch or self.arch
         paper = self.default_weights is not None
-        tag = None if weights in (None, RANDOM) or is_weights_file(weights) else str(weights)
+        tag = str(weights) if weights_kind(weights) == "tag" else tag
         if paper and tag not in (None, self.default_weights.name):
             raise ExtractorSpecError(
                 f"{type(self).__name__} uses the paper's weights {self.default_weights.name}; "
                 f"for {tag!r} use build_extractor('torchvision:{self.arch}', weights={tag!r})")
         member = self.default_weights if paper else weights_member(self.arch, tag)
+        self.weights_tag = member.name
         self.title = self.title or f"torchvision {self.arch}"
         if not paper:
             self.name = f"torchvision:{self.arch}"
@@ -106,18 +130,14 @@ class TorchvisionExtractor(FeatureExtractor):
             heads=lambda model: [self.head or find_head(model, kwargs["num_classes"])],
             expected=f"{self.title} ({type(member).__name__}.{member.name} layout)")
         self.freeze()
-        if not self.reference_preprocessing:
-            self._use_transforms(member)
+        if not paper:
+            self.preprocessing = weights_preprocessing(member)
         if isinstance(self.model, torchvision.models.VisionTransformer):
-            self.prefix_tokens, self.class_token = 1, True
-        # Swin's stages run channels-last; a hook after its final permute would see [B, C, H, W]
-        self.channels_last = isinstance(self.model, torchvision.models.SwinTransformer)
+            self.readout = Readout(prefix_tokens=1, class_token=True)
+        elif isinstance(self.model, torchvision.models.SwinTransformer):
+            # Swin's stages run channels-last; a hook after its final permute would see [B, C, H, W]
+            self.readout = Readout(channels_last=True)
         self.to(device)
-
-    def _use_transforms(self, member):
-        t = member.transforms()
-        self.input_size, self.resize_size = t.crop_size[0], t.resize_size[0]
-        self.interpolation, self.mean, self.std = t.interpolation, tuple(t.mean), tuple(t.std)
 
     @classmethod
     def architecture(cls) -> nn.Module:
@@ -150,12 +170,11 @@ class ResNet50Extractor(TorchvisionExtractor):
 
     name = "resnet50"
     arch = "resnet50"
-    input_size = 224
+    preprocessing = Preprocessing(input_size=224)
     default_weights = ResNet50_Weights.IMAGENET1K_V1
     head = "fc"
     title = "torchvision resnet50"
     feature_dim = 2048
-    reference_preprocessing = True
 
     @classmethod
     def architecture(cls) -> nn.Module:
@@ -172,14 +191,13 @@ class VitH14Extractor(TorchvisionExtractor):
 
     name = "vit_h_14"
     arch = "vit_h_14"
-    input_size = 518
+    preprocessing = Preprocessing(input_size=518)
+    readout = Readout(prefix_tokens=1, class_token=True)
     default_weights = ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1
     head = "heads.head"
     title = "torchvision vit_h_14"
     feature_dim = 1280
-    reference_preprocessing = True
-    prefix_tokens, class_token = 1, True
 
     @classmethod
     def architecture(cls) -> nn.Module:
-        return vit_h_14(weights=None, image_size=cls.input_size)
+        return vit_h_14(weights=None, image_size=cls.preprocessing.input_size)

@@ -9,9 +9,11 @@ from typing import ClassVar
 import torch
 
 from ldm.extractors.base import FeatureExtractor
+from ldm.extractors.preprocessing import Preprocessing
+from ldm.paths import shipped
 from ldm.toy.nets import load_net
 
-TOY_MODELS = Path(__file__).resolve().parents[2] / "models" / "toy"
+TOY_MODELS = shipped("models/toy")
 
 
 class ToyExtractor(FeatureExtractor):
@@ -19,9 +21,7 @@ class ToyExtractor(FeatureExtractor):
     itself, so the extractor's mean/std are the identity. Layers name submodules of the network
     (`body.0`, ...)."""
 
-    input_size = 32
-    mean = (0.0, 0.0, 0.0)
-    std = (1.0, 1.0, 1.0)
+    preprocessing = Preprocessing(input_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     weights_file: ClassVar[str] = ""
 
     def __init__(self, weights: str | None = None, device="cpu", *, layer: str | None = None,

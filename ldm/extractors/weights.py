@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from ldm.checkpoint import CheckpointError, load_state_dict
+from ldm.checkpoint import CheckpointError, TorchScriptRefused, load_state_dict
 
 PROBE_TIMEOUT_S = 5.0
 WEIGHTS_FLAG = "--extractor_weights"
@@ -92,24 +91,22 @@ def probe(url: str, timeout: float | None = None) -> str | None:
         return f"{urlparse(url).netloc or url} is unreachable ({type(why).__name__}: {why})"
 
 
-def is_torchscript(path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return any(n.endswith("/constants.pkl") for n in zf.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False
-
-
 def load_weights_file(path, torchscript_hint: str = "") -> dict[str, torch.Tensor]:
     """State dict of a local weights file (`--extractor_weights`), through the safe loader."""
     try:
         return load_state_dict(path, missing_hint=f"{WEIGHTS_FLAG}: file not found: {path}")
-    except CheckpointError as e:
-        if is_torchscript(path):
-            raise CheckpointError(
-                f"{path} is a TorchScript archive, which is refused because loading it runs code "
-                f"from the file. {torchscript_hint}".rstrip()) from e
-        raise
+    except TorchScriptRefused as e:
+        raise TorchScriptRefused(f"{e}. {torchscript_hint}".rstrip(". ") + ".") from None
+
+
+def _download(url: str, path: Path) -> Path:
+    """Download `url` to `path` (checking the hash prefix in its name, as torch.hub does); the
+    file is then read by the safe loader, like a cached copy (torch.hub would unpickle it with
+    weights_only=False)."""
+    match = torch.hub.HASH_REGEX.search(path.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None)
+    return path
 
 
 def _cached_file(path: Path) -> list[Path]:
@@ -128,7 +125,7 @@ def torchvision_source(weights, model: str) -> WeightsSource:
     return WeightsSource(
         model=model, tag=f"{type(weights).__name__}.{weights.name}", filename=filename,
         url=weights.url, drop_in=path, cached=lambda: _cached_file(path),
-        download=lambda: weights.get_state_dict(progress=True, check_hash=True),
+        download=lambda: _download(weights.url, path),
         notes=["(the directory follows $TORCH_HOME: <TORCH_HOME>/hub/checkpoints/)"])
 
 
@@ -250,8 +247,7 @@ def timm_source(cfg) -> WeightsSource:
         return WeightsSource(
             model=model, tag=tag, filename=filename, url=cfg["url"], drop_in=path,
             cached=lambda: _cached_file(path),
-            download=lambda: torch.hub.load_state_dict_from_url(cfg["url"], map_location="cpu",
-                                                                weights_only=True))
+            download=lambda: _download(cfg["url"], path))
     raise WeightsNotFoundError(f"{model}: timm has no downloadable weights for {tag!r}; pass a "
                                f"local file: {WEIGHTS_FLAG} PATH")
 
@@ -261,16 +257,19 @@ RANDOM = "random"
 _WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
-def is_weights_file(weights) -> bool:
-    """A local file (path-like, a path separator, a weights suffix, or an existing file), as
-    opposed to None, "random" or a library's weights tag."""
+def weights_kind(weights) -> str:
+    """What a `weights` argument is: "default" (None: the library's default weights), "random",
+    "file" (path-like, a path separator, a weights suffix, or an existing file) or "tag" (a
+    pretrained tag of the library)."""
     if weights is None:
-        return False
-    if isinstance(weights, os.PathLike):
-        return True
+        return "default"
+    if weights == RANDOM:
+        return "random"
     text = str(weights)
-    return (os.sep in text or "/" in text or text.lower().endswith(_WEIGHT_SUFFIXES)
-            or os.path.isfile(text))
+    if (isinstance(weights, os.PathLike) or os.sep in text or "/" in text
+            or text.lower().endswith(_WEIGHT_SUFFIXES) or os.path.isfile(text)):
+        return "file"
+    return "tag"
 
 
 def build_model(factory: Callable[[], torch.nn.Module], weights, source: Callable[[], WeightsSource],
@@ -293,10 +292,10 @@ def build_model(factory: Callable[[], torch.nn.Module], weights, source: Callabl
     if check is not None:
         check(model)
     heads = tuple(heads(model) if callable(heads) else heads)
-    if weights == RANDOM:
+    if weights_kind(weights) == "random":
         model = factory() if _on_meta(model) else model
     else:
-        state_dict = (load_weights_file(weights, torchscript_hint) if is_weights_file(weights)
+        state_dict = (load_weights_file(weights, torchscript_hint) if weights_kind(weights) == "file"
                       else resolve(source()))
         own = set(model.state_dict())
         if _on_meta(model):

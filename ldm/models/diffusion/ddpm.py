@@ -92,6 +92,14 @@ class LatentDiffusion(nn.Module):
     def latent_downsample_factor(self) -> int:
         return self.first_stage_model.downsample_factor
 
+    @property
+    def image_multiple(self) -> int:
+        """What image sides must be a multiple of: the first stage's down-sampling factor
+        times the UNet's (2 per level), 64 for SD v1."""
+        from ldm.modules.diffusionmodules.openaimodel import Downsample
+        levels = sum(isinstance(m, Downsample) for m in self.model.diffusion_model.modules())
+        return self.latent_downsample_factor * 2 ** levels
+
     # --- the denoiser -------------------------------------------------------------------------
     def apply_model(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """Predicted noise ε for latents `z_t` at integer timesteps `t` (shape [B])."""

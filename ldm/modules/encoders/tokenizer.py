@@ -30,11 +30,12 @@ import html
 import importlib.util
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from ldm.files import atomic_write_bytes
 
 __all__ = [
     "SD_V1_VOCAB_SIZE",
@@ -153,22 +154,6 @@ def _file_contents() -> dict[str, bytes]:
     return {"vocab.json": vocab_bytes, "merges.txt": merges_text.encode("utf-8")}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_sd_v1_vocab_files(cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Write ``vocab.json`` / ``merges.txt`` for the SD v1 tokenizer; return their paths.
 
@@ -185,7 +170,7 @@ def write_sd_v1_vocab_files(cache_dir: str | os.PathLike | None = None) -> tuple
         except OSError:
             valid = False
         if not valid:
-            _atomic_write(path, data)
+            atomic_write_bytes(path, data)
     return directory / "vocab.json", directory / "merges.txt"
 
 

@@ -1,0 +1,278 @@
+r"""Training a FeatInv decoder with PyTorch Lightning (the driver of scripts/train_featinv.py).
+
+    python scripts/train_featinv.py --extractor torchvision:resnet50@layer4 --spatial \
+        --data /imagenet/train --base configs/minisd.yaml --ckpt miniSD.ckpt --out runs/rn50
+
+Defaults are FeatInv's recipe (AdamW, lr 1e-5, batch 8, 3 epochs, hint dropout 0.15). The run's
+folder DIR receives Lightning's resumable `last.ckpt` (the ControlNet and the optimizer only),
+its CSV logs `log/version_N/metrics.csv` (train/loss, val/cosine; one version per start, as
+Lightning does) and, at the end, `decoder.safetensors` (the ControlNet's weights,
+`control_model.*`, with the decoder's record in the metadata) and `decoder.json` (the record,
+the options and a summary). Flags are checked before any model loads.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import CheckpointError
+from ldm.extractors import ExtractorSpecError, build_extractor, parse_spec
+from ldm.extractors.preprocessing import Preprocessing
+from ldm.featinv.data import ImageFolderPairs, ToyWorldPairs, list_images
+from ldm.featinv.decoder import FEATINV_PROMPT, DecoderRecord, new_decoder, save_decoder
+from ldm.featinv.hints import hint_shape
+from ldm.models.diffusion.controlled_ddpm import LATENT_DIFFUSION
+from ldm.models.loading import load_config
+from ldm.util import ConfigError
+
+TOY_DATA = "toy"
+TOY_TRAIN_SEED, TOY_VAL_SEED = 40, 41   # no other toy data set uses these
+LAST = "last.ckpt"
+DECODER = "decoder.safetensors"
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
+
+
+class UsageError(Exception):
+    """A bad flag or input, printed without a traceback."""
+
+
+class ResumeMismatchError(ValueError):
+    """--resume of a checkpoint trained for another decoder."""
+
+
+@dataclass
+class TrainOptions:
+    """Everything a training run needs (the command line's flags)."""
+
+    extractor: str
+    data: str
+    base: str
+    ckpt: str
+    out: str
+    spatial: bool = False
+    extractor_weights: str | None = None
+    hint_hidden_channels: int = 512
+    lr: float = 1e-5
+    lr_schedule: str = "constant"
+    batch_size: int = 8
+    epochs: int = 3
+    max_steps: int = -1
+    toy_images: int = 20000
+    val_images: int = 4
+    val_every: int = 1000
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    workers: int = 0
+    devices: int = 1
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    precision: str = "32"
+    resume: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+# Integer flags and their help (the defaults are TrainOptions').
+INT_FLAGS = {
+    "hint_hidden_channels": "width of the hint block (FeatInv: 512)",
+    "batch_size": "images per step and device (FeatInv: 8)",
+    "epochs": "passes over the data (FeatInv: 3 of ImageNet)",
+    "max_steps": "stop after this many steps (-1: after --epochs)",
+    "toy_images": f"size of the generated training set with --data {TOY_DATA}",
+    "val_images": "held-out images for the validation cosine (a folder's first, sorted)",
+    "val_every": "validate every this many steps",
+    "checkpoint_every": f"write DIR/{LAST} every this many steps (and at the end)",
+    "log_every": "log the training loss every this many steps",
+    "workers": "data-loader worker processes",
+    "devices": "devices (processes) to train on",
+    "seed": "seed of everything random (Lightning's seed_everything)",
+}
+
+
+def parse_args(argv=None) -> TrainOptions:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainOptions("", "", "", "", "")
+    p.add_argument("--extractor", required=True, help="registry spec library:model[@layer]")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--spatial", action="store_true", help="decode the layer's spatial map")
+    kind.add_argument("--pooled", dest="spatial", action="store_false",
+                      help="decode the pooled vector, copied to every position (default)")
+    p.add_argument("--extractor_weights", default=None, help="build_extractor's weights")
+    p.add_argument("--data", required=True, help=f"an image folder, or '{TOY_DATA}'")
+    p.add_argument("--base", required=True, help="the frozen base LDM's config")
+    p.add_argument("--ckpt", required=True, help="the base LDM's weights")
+    p.add_argument("--out", required=True, help="the run's folder (DIR)")
+    for name, text in INT_FLAGS.items():
+        p.add_argument(f"--{name}", type=int, default=getattr(d, name),
+                       help=f"{text} (default {getattr(d, name)})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW's learning rate (default {d.lr})")
+    p.add_argument("--lr_schedule", default=d.lr_schedule, choices=["constant", "cosine"],
+                   help="constant (FeatInv) or a half-cosine decay to 0 over the run")
+    p.add_argument("--accelerator", default=d.accelerator, choices=["auto", "cpu", "gpu", "cuda"])
+    p.add_argument("--strategy", default=d.strategy, choices=["auto", "ddp"],
+                   help="ddp: one process per device (gloo on CPUs, NCCL on GPUs)")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="Lightning's precision (default 32)")
+    p.add_argument("--resume", action="store_true", help=f"continue from DIR/{LAST}")
+    p.add_argument("--no_progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    return TrainOptions(**vars(p.parse_args(argv)))
+
+
+def check_options(opts: TrainOptions) -> None:
+    """UsageError for anything wrong with the flags, before a model is loaded."""
+    positive = ("hint_hidden_channels", "batch_size", "epochs", "toy_images", "val_images",
+                "val_every", "checkpoint_every", "log_every", "devices")
+    for name in positive:
+        if getattr(opts, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(opts, name)}")
+    if opts.lr <= 0 or opts.workers < 0 or not (opts.max_steps == -1 or opts.max_steps >= 1):
+        raise UsageError("--lr must be > 0, --workers >= 0, --max_steps >= 1 (or -1: epochs)")
+    _check_extractor(opts.extractor, opts.spatial)
+    if opts.data != TOY_DATA:
+        if not Path(opts.data).is_dir():
+            raise UsageError(f"--data {opts.data!r}: no such folder (or '{TOY_DATA}')")
+        found = len(list_images(opts.data))
+        if found < opts.val_images + opts.batch_size:
+            raise UsageError(f"--data {opts.data}: {found} images, fewer than --val_images "
+                             f"{opts.val_images} + --batch_size {opts.batch_size}")
+    if not Path(opts.base).is_file() or not Path(opts.ckpt).is_file():
+        raise UsageError(f"--base {opts.base!r} and --ckpt {opts.ckpt!r} must be files")
+    target = load_config(opts.base).model.get("target")
+    if target != LATENT_DIFFUSION:
+        raise UsageError(f"--base {opts.base}: a {LATENT_DIFFUSION} config is needed, "
+                         f"not {target!r}")
+    last = Path(opts.out) / LAST
+    if opts.resume and not last.is_file():
+        raise UsageError(f"--resume: {last} does not exist")
+    if not opts.resume and last.exists():
+        raise UsageError(f"{opts.out} already holds a training ({LAST}): add --resume to "
+                         "continue it, or choose another --out")
+
+
+def _check_extractor(spec: str, spatial: bool) -> None:
+    """Spec, model and layer names (non-toy models on the meta device: nothing is read)."""
+    try:
+        if parse_spec(spec).library == "toy":
+            build_extractor(spec, spatial=spatial)
+            return
+        with torch.device("meta"):
+            build_extractor(spec, weights="random", device="meta", spatial=spatial)
+    except ExtractorSpecError as e:
+        raise UsageError(f"--extractor: {e}") from None
+
+
+def _datasets(opts: TrainOptions, resolution: int, preprocessing: Preprocessing):
+    if opts.data == TOY_DATA:
+        return (ToyWorldPairs(opts.toy_images, TOY_TRAIN_SEED, resolution, preprocessing),
+                ToyWorldPairs(opts.val_images, TOY_VAL_SEED, resolution, preprocessing))
+    files = list_images(opts.data)   # the first few (sorted) are held out
+    return (ImageFolderPairs(files[opts.val_images:], resolution, preprocessing, augment=True),
+            ImageFolderPairs(files[:opts.val_images], resolution, preprocessing, augment=False))
+
+
+def _loaders(opts: TrainOptions, resolution: int, preprocessing: Preprocessing):
+    from torch.utils.data import DataLoader
+
+    train, val = _datasets(opts, resolution, preprocessing)
+    common = {"num_workers": opts.workers, "persistent_workers": opts.workers > 0}
+    return (DataLoader(train, batch_size=opts.batch_size, shuffle=True, drop_last=True, **common),
+            DataLoader(val, batch_size=min(opts.batch_size, opts.val_images), **common))
+
+
+def _trainer(opts: TrainOptions):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    return pl.Trainer(
+        accelerator=opts.accelerator, devices=opts.devices, strategy=opts.strategy,
+        precision=opts.precision, max_epochs=opts.epochs, max_steps=opts.max_steps,
+        default_root_dir=opts.out, logger=CSVLogger(opts.out, name="log"),
+        callbacks=[ModelCheckpoint(dirpath=opts.out, save_last=True, save_top_k=0,
+                                   every_n_train_steps=opts.checkpoint_every),
+                   LearningRateMonitor(logging_interval="step")],
+        val_check_interval=opts.val_every, check_val_every_n_epoch=None,
+        log_every_n_steps=opts.log_every, num_sanity_val_steps=0,
+        enable_progress_bar=opts.progress, enable_model_summary=False)
+
+
+def _record(opts: TrainOptions, extractor, base_config) -> DecoderRecord:
+    parsed = parse_spec(opts.extractor)
+    conditioned = base_config.model.params.get("conditioning_key") is not None
+    return DecoderRecord(
+        extractor=str(parsed).partition("@")[0], layer=parsed.layer, spatial=opts.spatial,
+        hint_shape=hint_shape(extractor), base_config=opts.base,
+        hint_hidden_channels=opts.hint_hidden_channels,
+        prompt=FEATINV_PROMPT if conditioned else None, extractor_weights=opts.extractor_weights)
+
+
+def run(opts: TrainOptions):
+    """Train (or continue) the decoder of `opts`; → (the FeatInvTraining module, a summary)."""
+    check_options(opts)
+    import pytorch_lightning as pl
+
+    from ldm.featinv.training import FeatInvTraining
+
+    start = time.perf_counter()
+    pl.seed_everything(opts.seed, workers=True, verbose=False)
+    base_config = load_config(opts.base)
+    extractor = build_extractor(opts.extractor, weights=opts.extractor_weights,
+                                spatial=opts.spatial)
+    record = _record(opts, extractor, base_config)
+    model = new_decoder(record, opts.ckpt)
+    module = FeatInvTraining(model, extractor, record, lr=opts.lr, lr_schedule=opts.lr_schedule)
+    resolution = model.image_size * model.latent_downsample_factor
+    train_loader, val_loader = _loaders(opts, resolution, extractor.preprocessing)
+    trainer = _trainer(opts)
+    out = Path(opts.out)
+    with warnings.catch_warnings():
+        # the frozen base model and extractor are in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+        # Lightning's checkpoints hold plain data only: read them with weights_only=True
+        trainer.fit(module, train_loader, val_loader, weights_only=True,
+                    ckpt_path=out / LAST if opts.resume else None)
+    if trainer.global_step % opts.checkpoint_every:   # Lightning's last save was earlier
+        trainer.save_checkpoint(out / LAST, weights_only=False)
+    summary = {"steps": trainer.global_step, "seconds": round(time.perf_counter() - start, 1),
+               **{k: float(v) for k, v in trainer.callback_metrics.items()}}
+    if trainer.is_global_zero:   # the one process that writes files (and the CSV log)
+        summary["train/loss_recent"] = recent_mean(logged(out, "train/loss"))
+        save_decoder(model, record, out / DECODER)
+        (out / "decoder.json").write_text(json.dumps(
+            {"record": json.loads(record.to_json()), "options": asdict(opts), "summary": summary},
+            indent=1))
+    return module, summary
+
+
+def logged(out: str | Path, key: str) -> list[float]:
+    """The values of `key` in the run's CSV logs, in order (every version, i.e. every start)."""
+    versions = sorted(Path(out, "log").glob("version_*/metrics.csv"),
+                      key=lambda p: int(p.parent.name.removeprefix("version_")))
+    rows = [row for path in versions for row in csv.DictReader(path.read_text().splitlines())]
+    return [float(row[key]) for row in rows if row.get(key)]
+
+
+def recent_mean(values: list[float], n: int = 10) -> float | None:
+    return sum(values[-n:]) / len(values[-n:]) if values else None
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    try:
+        _, summary = run(opts)
+    except (UsageError, ConfigError, CheckpointError, ExtractorSpecError,
+            ResumeMismatchError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,62 @@
+"""Writing files so that a kill at any moment leaves the old file or the new one, never a torn
+one: write a temporary file in the same folder, flush it to disk, rename it over the target,
+flush the folder. Temporary names are unique per process and per call, hidden, and end in
+`.tmp` (never matching an output pattern such as `*.png`)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_temporary(name: str) -> bool:
+    """A temporary file of an atomic write (left behind by a killed process)."""
+    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(temporary_path)` then commit it to `path` atomically; the temporary file never
+    outlives the call (on any error, e.g. a full disk, `path` keeps its old content)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

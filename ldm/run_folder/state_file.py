@@ -1,0 +1,158 @@
+"""The resume state file, `<folder>/resume_state.safetensors`: tensors only (read back with
+safetensors, nothing is ever unpickled) plus JSON strings in the file's metadata.
+
+    tensors   the SamplerState's row tensors by name (z, history, best_prev_score, do_backward,
+              [best_prev_z]), generator.<b> (uint8 generator states), [best.<b>.image]
+    metadata  "format": "feature-space-decoder/resume-state", "version": "1",
+              "sampler": JSON of the SamplerState's other fields (k, j, timestep, iterations,
+                         history_count, guard_events, batch, best records without their images),
+              "run":     JSON of the command line's bookkeeping (fingerprint, log length, argv, ...)
+
+A state is validated in full when it is read (types, dtypes, shapes, finite values), so a
+damaged or hand-edited file is refused before anything in its folder changes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from ldm.files import atomic_write
+from ldm.models.diffusion.sampler_state import SamplerState
+
+FORMAT = "feature-space-decoder/resume-state"
+VERSION = "1"
+# Bytes of torch.Generator.get_state(): CPU (Mersenne Twister) and CUDA (Philox seed, offset).
+GENERATOR_STATE_BYTES = (5056, 16)
+
+
+class RunStateError(Exception):
+    """A resume state that cannot be read, is damaged, or does not belong to this run."""
+
+
+def save_state(path: Path, state: SamplerState, run: dict) -> None:
+    """Write `state` and the caller's `run` dict (JSON-able) atomically to `path`. On an error
+    (a full disk) the previous state stays as it was and RunStateError says so."""
+    from safetensors.torch import save_file
+
+    tensors, sampler = state.to_parts()
+    # json writes floats with repr, which reads back bit for bit (also -Infinity and NaN).
+    metadata = {"format": FORMAT, "version": VERSION, "sampler": json.dumps(sampler),
+                "run": json.dumps(run)}
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except OSError as err:
+        kept = "the previous resume state is intact" if path.is_file() else "no resume state was kept"
+        raise RunStateError(f"could not write the resume state {path} ({err.strerror or err}); "
+                            f"{kept}") from None
+
+
+def _read_header(f, path: Path) -> dict:
+    """The JSON header of an open safetensors file (8-byte little-endian length, then JSON)."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise RunStateError(f"{path} is not a readable resume state (truncated header)")
+    length = struct.unpack("<Q", head)[0]
+    if length > 100 * 1024 ** 2:
+        raise RunStateError(f"{path} is not a readable resume state (header of {length} bytes)")
+    try:
+        return json.loads(f.read(length))
+    except ValueError as err:
+        raise RunStateError(f"{path} is not a readable resume state ({err})") from err
+
+
+def _metadata(header: dict, path: Path) -> dict:
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("format") != FORMAT:
+        raise RunStateError(f"{path} is not a resume state of this tool")
+    if metadata.get("version") != VERSION:
+        raise RunStateError(f"{path} is a resume state of format version {metadata.get('version')}, "
+                            f"this version reads {VERSION}")
+    return metadata
+
+
+def peek_run(path: Path) -> dict:
+    """The `run` dict of a state file plus its sampler position ("sampler"), from its header
+    only (one open file: safe while another process replaces the file)."""
+    with open(path, "rb") as f:
+        metadata = _metadata(_read_header(f, path), path)
+    try:
+        return {**json.loads(metadata["run"]), "sampler": json.loads(metadata["sampler"])}
+    except (KeyError, ValueError, TypeError) as err:
+        raise RunStateError(f"{path} is an incomplete resume state ({err})") from None
+
+
+def load_state(path: Path) -> tuple[SamplerState, dict]:
+    """→ (SamplerState on the CPU, the `run` dict). RunStateError if unreadable or damaged.
+
+    The file is read through one file descriptor, so a writer renaming a new state over it
+    meanwhile cannot mix two files (safetensors' own `safe_open` opens the path twice)."""
+    from safetensors.torch import load as load_tensors
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RunStateError(f"no resume state in {path.parent} ({path.name} does not exist)") from None
+    metadata = _metadata(_read_header(io.BytesIO(data), path), path)
+    try:
+        tensors = load_tensors(data)
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise RunStateError(f"{path} is not a readable resume state ({type(err).__name__}: {err})") from err
+    try:
+        sampler, run = json.loads(metadata["sampler"]), json.loads(metadata["run"])
+        state = SamplerState.from_parts(tensors, sampler)
+        if not isinstance(run, dict):
+            raise TypeError("the run record is not a JSON object")
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunStateError(f"{path} is an incomplete resume state ({type(err).__name__}: {err})") from err
+    problems = state_problems(state)
+    if problems:
+        raise RunStateError(f"{path} is a damaged resume state: " + "; ".join(problems))
+    return state, run
+
+
+def _tensor_problem(name: str, x, dtype: torch.dtype, shape: tuple, finite: bool = True) -> str | None:
+    if not isinstance(x, torch.Tensor) or x.dtype != dtype:
+        return f"{name} is not a {dtype} tensor"
+    if len(x.shape) != len(shape) or any(s is not None and s != n for s, n in zip(shape, x.shape)):
+        return f"{name} has shape {tuple(x.shape)}, expected {tuple('*' if s is None else s for s in shape)}"
+    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        return f"{name} holds NaN or inf"
+    return None
+
+
+def state_problems(state: SamplerState) -> list[str]:
+    """What is wrong with a state read from a file (empty if nothing): its own consistency;
+    whether it fits a run's settings is `feature_guidance.check_state`'s question."""
+    counts = {name: getattr(state, name) for name in ("k", "j", "timestep", "iterations", "history_count")}
+    problems = [f"{name} is {value!r}, not a count" for name, value in counts.items()
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0]
+    batch = len(state.best)
+    if batch < 1 or len(state.generator_states) != batch or len(state.guard_events) != batch:
+        return problems + [f"its lists disagree on the batch size ({batch} best records, "
+                           f"{len(state.generator_states)} generators, {len(state.guard_events)} counts)"]
+    checks = [("z", state.z, torch.float32, (batch, None, None, None), True),
+              ("history", state.history, torch.float32, (batch, None), True),
+              ("best_prev_score", state.best_prev_score, torch.float32, (batch,), False),
+              ("do_backward", state.do_backward, torch.bool, (batch,), False)]
+    if state.best_prev_z is not None:
+        checks.append(("best_prev_z", state.best_prev_z, torch.float32, tuple(state.z.shape), True))
+    checks += [(f"generator.{b}", g, torch.uint8, (None,), False)
+               for b, g in enumerate(state.generator_states)]
+    checks += [(f"best.{b}.image", best.image, torch.float32, (3, None, None), True)
+               for b, best in enumerate(state.best) if best.image is not None]
+    problems += [p for p in (_tensor_problem(*c) for c in checks) if p]
+    problems += [f"generator.{b} holds {g.numel()} bytes, not a generator's state "
+                 f"({' or '.join(map(str, GENERATOR_STATE_BYTES))})"
+                 for b, g in enumerate(state.generator_states)
+                 if isinstance(g, torch.Tensor) and g.numel() not in GENERATOR_STATE_BYTES]
+    if isinstance(state.best_prev_score, torch.Tensor) and bool(torch.isnan(state.best_prev_score).any()):
+        problems.append("best_prev_score holds NaN")
+    problems += [f"guard count {b} is {n!r}" for b, n in enumerate(state.guard_events)
+                 if isinstance(n, bool) or not isinstance(n, int) or n < 0]
+    if not problems and state.history_count > state.iterations:
+        problems.append(f"{state.history_count} scores pushed in {state.iterations} iterations")
+    return problems

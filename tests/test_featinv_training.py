@@ -1,0 +1,196 @@
+"""FeatInv training through PyTorch Lightning on the tiny SD-layout model and a few images.
+
+Training runs in subprocesses, as from the command line (DDP launches its own processes)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.checkpoint import load_state_dict
+from ldm.featinv import load_decoder, read_record
+from ldm.featinv import train
+from ldm.featinv.train import main
+from ldm.toy import world
+from tiny_models import write_tiny_sd
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "train_featinv.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+TRAIN_AND_INSPECT = """
+import json, sys, torch
+from ldm.checkpoint import load_state_dict
+from ldm.featinv.train import parse_args, run
+module, summary = run(parse_args(sys.argv[2:]))
+base = load_state_dict(sys.argv[1])
+state = module.model.state_dict()
+control = module.model.control_model.state_dict()
+unet = module.model.model.diffusion_model.state_dict()
+print(json.dumps({
+    "trainable": sorted({n.split(".")[1] for n, p in module.named_parameters() if p.requires_grad}),
+    "base_keys_unchanged": all(torch.equal(state[k], v) for k, v in base.items() if k in state),
+    "base_keys_compared": sum(k in state for k in base),
+    "copied_blocks_changed": sum(not torch.equal(v, unet[k]) for k, v in control.items() if k in unet),
+    "zero_convs_nonzero": sum(bool(v.any()) for k, v in control.items() if "zero_convs" in k),
+}))
+"""
+
+
+def write_images(folder: Path, n: int) -> Path:
+    """Toy-world images at a few sizes and aspect ratios (crops have work to do)."""
+    folder.mkdir()
+    images, _ = world.make_dataset(n, seed=99)
+    for k, image in enumerate(images):
+        size = (40 + 8 * (k % 3), 32 + 4 * (k % 2))
+        Image.fromarray(world.to_uint8(image)).resize(size).save(folder / f"img_{k}.png")
+    return folder
+
+
+def flags(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--extractor", "toy:all@body.17", "--spatial", "--data", str(root / "images"),
+            "--base", str(root / "tiny.yaml"), "--ckpt", str(root / "tiny.ckpt"),
+            "--out", str(out), "--batch_size", "2", "--val_images", "2", "--val_every", "2",
+            "--checkpoint_every", "2", "--log_every", "1", "--lr", "1e-3", "--lr_schedule", "cosine",
+            "--hint_hidden_channels", "8", "--epochs", "100", "--accelerator", "cpu",
+            "--no_progress", *extra]
+
+
+def run_script(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=ENV, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def logged_steps(out: Path, version: int) -> list[int]:
+    text = (out / "log" / f"version_{version}" / "metrics.csv").read_text()
+    return [int(r["step"]) for r in csv.DictReader(text.splitlines()) if r.get("train/loss")]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("featinv_training")
+    write_tiny_sd(folder)
+    write_images(folder / "images", 6)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(root):
+    """Three training steps in a subprocess; → (run folder, what the trained module showed)."""
+    out = root / "run"
+    done = subprocess.run([sys.executable, "-c", TRAIN_AND_INSPECT, str(root / "tiny.ckpt"),
+                           *flags(root, out, "--max_steps", "3")],
+                          cwd=REPO, env=ENV, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_only_the_controlnet_trains(trained):
+    _, inspected = trained
+    assert inspected["trainable"] == ["control_model"]
+    assert inspected["base_keys_unchanged"] and inspected["base_keys_compared"] > 200
+    assert inspected["copied_blocks_changed"] > 0 and inspected["zero_convs_nonzero"] > 0
+
+
+def test_outputs_of_a_run(trained, root):
+    out, _ = trained
+    summary = json.loads((out / "decoder.json").read_text())["summary"]
+    assert summary["steps"] == 3 and np.isfinite(summary["train/loss_recent"])
+    assert -1 <= summary["val/cosine"] <= 1
+    assert logged_steps(out, 0) == [0, 1, 2]
+    record = read_record(out / "decoder.safetensors")
+    assert (record.extractor, record.layer, record.spatial, record.hint_shape) == \
+        ("toy:all", "body.17", True, (128, 2, 2))
+    assert record.prompt == "a high-quality, detailed, and professional image"
+
+
+def test_lightning_checkpoint_is_plain_data_with_the_controlnet_only(trained):
+    out, _ = trained
+    checkpoint = torch.load(out / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["state_dict"] and all(k.startswith("model.control_model.")
+                                            for k in checkpoint["state_dict"])
+    assert checkpoint["optimizer_states"][0]["state"]
+    assert checkpoint["lr_schedulers"][0]["last_epoch"] == 3     # the cosine decay's step
+
+
+def test_saved_decoder_loads_strictly_into_a_fresh_model(trained, root):
+    out, _ = trained
+    model, record = load_decoder(out / "decoder.safetensors", root / "tiny.ckpt")
+    saved = load_state_dict(out / "decoder.safetensors")
+    assert saved.keys() == {"control_model." + k for k in model.control_model.state_dict()}
+    checkpoint = torch.load(out / "last.ckpt", weights_only=True)["state_dict"]
+    for key, value in saved.items():
+        assert torch.equal(value, checkpoint["model." + key])
+    assert record.hint_hidden_channels == 8
+
+
+def test_resume_continues_the_step_count(trained, root):
+    out, _ = trained
+    done = run_script(flags(root, out, "--max_steps", "5", "--resume"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "decoder.json").read_text())["summary"]["steps"] == 5
+    assert logged_steps(out, 1) == [3, 4]
+    assert torch.load(out / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_resume_of_another_decoder_is_refused(trained, root):
+    out, _ = trained
+    done = run_script(changed(flags(root, out, "--max_steps", "9", "--resume"),
+                              {"--hint_hidden_channels": "16"}))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "trained for another decoder" in done.stderr
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_ddp(root):
+    out = root / "ddp"
+    done = run_script(flags(root, out, "--max_steps", "2", "--devices", "2", "--strategy", "ddp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "distributed_backend=gloo" in done.stderr + done.stdout
+    assert "Starting with 2 processes" in done.stderr + done.stdout
+    assert json.loads((out / "decoder.json").read_text())["summary"]["steps"] == 2
+    load_decoder(out / "decoder.safetensors", root / "tiny.ckpt")
+
+
+BAD_FLAGS = [   # changes to good flags (None: add the bare flag) → the error's words
+    ({"--extractor": "toy:all@body.99"}, "has no layer 'body.99'"),
+    ({"--extractor": "toy:all"}, "spatial=True needs a layer"),
+    ({"--data": "/no/such/folder"}, "no such folder"),
+    ({"--val_images": "5"}, "6 images, fewer than --val_images 5 + --batch_size 2"),
+    ({"--ckpt": "/no/such.ckpt"}, "must be files"),
+    ({"--batch_size": "0"}, "--batch_size must be at least 1"),
+    ({"--resume": None}, "does not exist"),
+]
+
+
+def changed(args: list[str], changes: dict) -> list[str]:
+    args = list(args)
+    for flag, value in changes.items():
+        if value is None:
+            args.append(flag)
+        else:
+            args[args.index(flag) + 1] = value
+    return args
+
+
+@pytest.mark.parametrize("changes, message", BAD_FLAGS, ids=[m for _, m in BAD_FLAGS])
+def test_bad_flags_are_clear_errors_before_anything_loads(root, tmp_path, capsys, monkeypatch,
+                                                         changes, message):
+    def never(*args):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(train, "new_decoder", never)
+    assert main(changed(flags(root, tmp_path / "out"), changes)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_finished_run_is_not_overwritten(trained, root, capsys):
+    out, _ = trained
+    assert main(flags(root, out, "--max_steps", "3")) == 2
+    assert "already holds a training (last.ckpt): add --resume" in capsys.readouterr().err
