@@ -33,7 +33,7 @@ from torch import nn
 from ldm.extractors import FeatureExtractor, build_extractor
 from ldm.models.diffusion.feature_guidance import GuidanceSettings, GuidedResult, sample_feature_guided
 from ldm.models.diffusion.ddim import make_ddim_timesteps
-from ldm.models.diffusion.mixed_precision import autocast_dtype
+from ldm.models.diffusion.mixed_precision import MixedPrecision, autocast_dtype
 from ldm.models.diffusion.trained_decoding import FeatInvDenoiser, sample_featinv
 from ldm.models.loading import DEFAULT_CKPT, DEFAULT_CONFIG, load_model
 from ldm.objectives import (FeatureDistance, check_target, cosine_similarity, parse_channels,
@@ -282,6 +282,9 @@ class FeatureDecoder:
             model = FeatInvDenoiser(self.model, feature_to_hint(goals) if hints is None else hints,
                                     self.trained.guidance_scale, self.context, self.cond)
             if self.kind == "featinv":
+                if autocast_dtype(self.precision) is not None:
+                    model = MixedPrecision(model, objective, self.precision, self.device)
+                    objective = model.objective
                 return sample_featinv(model, objective, shape, generators, steps=self.trained.steps,
                                       on_record=sampler_options.get("on_record"),
                                       progress=sampler_options.get("progress", True))

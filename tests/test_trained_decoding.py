@@ -158,3 +158,12 @@ def test_python_api_decodes_with_the_trained_decoder():
     assert results[0].metrics["final"]["cosine"] > 0.5
     with pytest.raises(ValueError, match="featinv_decoder"):
         decode([TOY_TARGET], "toy_all", decoder="hybrid", config=TOY_CONFIG, ckpt=TOY_CKPT)
+
+
+def test_featinv_runs_under_bf16(tiny_decoder, tmp_path, capsys):
+    argv = tiny_args(tiny_decoder, tmp_path, "--decoder", "featinv", "--featinv_decoder",
+                     tiny_decoder / "decoder.safetensors", "--featinv_steps", "3", "--precision", "bf16")
+    code, _, err = run_cli(TinyExtractor, argv, capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["precision"] == "bf16" and -1 <= metrics["final"]["cosine"] <= 1

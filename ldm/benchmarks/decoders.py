@@ -150,9 +150,14 @@ VARIANTS = {
                                             num_steps=(4, 1)),
     "guided N 30, K 4,1, skip + tiny": guided(tiny_decoder=True, skip_guided_decode=True, timesteps=30,
                                               num_steps=(4, 1)),
+    "guided N 60, K 4,1, skip + tiny + z0": guided(tiny_decoder=True, skip_guided_decode=True, gradient="z0",
+                                                   timesteps=60, num_steps=(4, 1)),
+    "guided N 40, K 4,1, skip + tiny": guided(tiny_decoder=True, skip_guided_decode=True, timesteps=40,
+                                              num_steps=(4, 1)),
     **{f"hybrid N {n}, K {','.join(map(str, k))}, s {s:g}" + (f", w {w:g}" if w != 1 else ""):
        hybrid(guidance_scale=s, timesteps=n, num_steps=k, forward_guidance_wt=w)
        for n, k, s, w in [(25, (2, 1), 5, 1), (25, (2, 1), 1, 1), (25, (2, 1), 5, 4), (50, (1,), 1, 1),
                           (50, (1,), 2, 1), (50, (1,), 3, 1), (50, (1,), 5, 1), (50, (1,), 5, 2),
-                          (50, (4, 1), 2, 1), (50, (4, 1), 5, 1), (60, (1,), 5, 1), (30, (2,), 5, 1)]},
+                          (50, (4, 1), 2, 1), (50, (4, 1), 5, 1), (60, (1,), 5, 1), (30, (2,), 5, 1),
+                          (50, (4, 1), 3, 1), (60, (1,), 3, 1), (32, (2,), 3, 1)]},
 }

@@ -39,7 +39,7 @@ FAST = {**PAPER, "optim_print": False, "optim_timesteps": 200, "optim_num_steps"
 # The hybrid decoder (docs/trained-decoder.md): the paper's forward guidance on a short schedule,
 # the trained decoder as the denoiser. Chosen on the toy benchmark; `--decoder hybrid` applies it
 # when no --preset is given.
-HYBRID = {**PAPER, "optim_print": False, "optim_timesteps": 50, "optim_num_steps": [1],
+HYBRID = {**PAPER, "optim_print": False, "optim_timesteps": 60, "optim_num_steps": [1],
           "optim_early_emp_end": -1, "decoder": "hybrid"}
 PRESETS = {"paper": PAPER, "fast": FAST, "hybrid": HYBRID}
 DECODERS = ("guided", "featinv", "hybrid")

@@ -20,6 +20,7 @@ from ldm.extractors.base import FeatureExtractor
 from ldm.models.diffusion.controlled_ddpm import (FEATINV_IGNORABLE_KEYS, ControlLDM,
                                                   control_ldm_config, control_state_dict)
 from ldm.models.loading import load_config
+from ldm.paths import shipped
 from ldm.util import instantiate_from_config
 
 METADATA_KEY = "featinv"
@@ -69,7 +70,7 @@ class DecoderRecord:
 
 def build_decoder_model(record: DecoderRecord, base_config: str | None = None) -> ControlLDM:
     """The ControlLDM of `record` on its base config (or `base_config`), freshly initialised."""
-    config = load_config(base_config or record.base_config)
+    config = load_config(base_config or shipped(record.base_config))   # relative: the project's
     return instantiate_from_config(control_ldm_config(
         config.model, record.hint_shape[0], record.hint_hidden_channels))
 

@@ -31,6 +31,7 @@ from ldm.featinv.decoder import FEATINV_PROMPT, DecoderRecord, new_decoder, save
 from ldm.featinv.hints import hint_shape
 from ldm.models.diffusion.controlled_ddpm import LATENT_DIFFUSION
 from ldm.models.loading import load_config
+from ldm.paths import ROOT
 from ldm.util import ConfigError
 
 TOY_DATA = "toy"
@@ -206,12 +207,21 @@ def _trainer(opts: TrainOptions):
         enable_progress_bar=opts.progress, enable_model_summary=False)
 
 
+def project_relative(path: str) -> str:
+    """A file of this project as its path in the project (the record travels with the decoder
+    to other machines); any other path as given."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
+
+
 def _record(opts: TrainOptions, extractor, base_config) -> DecoderRecord:
     parsed = parse_spec(opts.extractor)
     conditioned = base_config.model.params.get("conditioning_key") is not None
     return DecoderRecord(
         extractor=str(parsed).partition("@")[0], layer=parsed.layer, spatial=opts.spatial,
-        hint_shape=hint_shape(extractor), base_config=opts.base,
+        hint_shape=hint_shape(extractor), base_config=project_relative(opts.base),
         hint_hidden_channels=opts.hint_hidden_channels,
         prompt=FEATINV_PROMPT if conditioned else None, extractor_weights=opts.extractor_weights)
 
