@@ -205,10 +205,11 @@ class FeatureDecoder:
         self.trained = trained
         self.device = model.betas.device
         self.targets = TargetFeatures(extractor)
-        self.hint_targets = trained and trained.hint_extractor and TargetFeatures(trained.hint_extractor)
+        self.hint_targets = (TargetFeatures(trained.hint_extractor)
+                             if trained is not None and trained.hint_extractor is not None else None)
         with torch.no_grad():
             self.cond = model.get_learned_conditioning([""])   # once per run, shared by the batch
-            prompt = trained and trained.record.prompt
+            prompt = trained.record.prompt if trained is not None else None
             self.context = model.get_learned_conditioning([prompt]) if prompt else None
 
     @property
@@ -370,7 +371,8 @@ def decode(targets, extractor, *, settings: GuidanceSettings | None = None, mode
     for start in range(0, len(items), batch_size):
         chunk = list(range(start, min(start + batch_size, len(items))))
         results += _decode_chunk(decoder, [items[i] for i in chunk], [goals[i] for i in chunk],
-                                 hints and torch.cat([hints[i] for i in chunk]), height, width, seed, progress)
+                                 None if hints is None else torch.cat([hints[i] for i in chunk]),
+                                 height, width, seed, progress)
     return results
 
 

@@ -161,7 +161,7 @@ def test_vith14_script_with_a_small_vit(sd_files, tmp_path, capsys, monkeypatch)
 
 
 def test_readme_example_adds_a_model(sd_files, tmp_path, capsys):
-    """The README's "Adding a model" script, copied verbatim, runs with every flag."""
+    """docs/adding-a-model.md's script, copied verbatim, runs with every flag."""
     from torchvision.models import convnext_tiny
 
     readme = (REPO / "docs" / "adding-a-model.md").read_text()

@@ -1,7 +1,7 @@
 """The quick toy benchmark: the decoder keeps what each toy feature encodes and not the rest.
 
 Margins come from measured runs of `scripts/toy_benchmark.py --quick` (12 targets, 50
-timesteps; see the README's toy benchmark section), not from hopes: each bound sits well inside
+timesteps; see docs/toy-world.md), not from hopes: each bound sits well inside
 what was measured and well outside what chance or the unguided baseline give."""
 import json
 

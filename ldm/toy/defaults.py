@@ -14,7 +14,7 @@ TOY_DEFAULTS = {
     "optim_folder": "outputs/toy",
     # Measured on the toy benchmark: w = 4 (the paper's SD setting) reaches cosine 0.99+ with
     # adversarial, off-world images against these small CNNs; w = 1 with more self-recurrence
-    # keeps the images in the world (see README, "The toy world").
+    # keeps the images in the world (docs/toy-world.md).
     "optim_forward_guidance_wt": 1.0,
     "optim_grad_clip_threshold": 3.0,
     "optim_num_steps": [8, 2],
