@@ -148,20 +148,16 @@ def check_trained_decoder(record, extractor_name: str, path) -> None:
                          "for this model (scripts/train_featinv.py --extractor ...)")
 
 
-def load_trained_decoder(kind: str, path, extractor: FeatureExtractor, *, config: str, ckpt: str,
-                         device, steps: int = 50, guidance_scale: float = 1.75):
-    """The ControlLDM of the FeatInv decoder `path` on the base model `config`/`ckpt`, and how
-    it decodes for `extractor`; → (model, TrainedDecoding)."""
-    from ldm.featinv import load_decoder, read_record
-
-    record = read_record(path)
+def trained_decoding(kind: str, record, path, extractor: FeatureExtractor, *, device, steps: int = 50,
+                     guidance_scale: float = 1.75) -> TrainedDecoding:
+    """How the decoder `record` (of the file `path`) decodes for `extractor` (ValueError if it
+    decodes another network's features)."""
     check_trained_decoder(record, extractor.name, path)
-    model, record = load_decoder(path, ckpt, base_config=config, device=device)
-    # The same network (checked above): the run's own feature is the hint when the layer and the
-    # readout are the decoder's too.
+    # The same network: the run's own feature is the hint when the layer and the readout are the
+    # decoder's too.
     own = record.layer == extractor.layer and record.spatial == extractor.spatial
     hint_extractor = None if own else record.build_extractor(device)
-    return model, TrainedDecoding(kind, record, hint_extractor, steps, guidance_scale)
+    return TrainedDecoding(kind, record, hint_extractor, steps, guidance_scale)
 
 
 def _describe(target) -> str:
@@ -354,9 +350,11 @@ def decode(targets, extractor, *, settings: GuidanceSettings | None = None, mode
                              device=device)
     trained = None
     if decoder != "guided":
-        model, trained = load_trained_decoder(decoder, featinv_decoder, extractor, config=config, ckpt=ckpt,
-                                              device=device, steps=featinv_steps,
-                                              guidance_scale=featinv_guidance)
+        from ldm.featinv import load_decoder
+
+        model, record = load_decoder(featinv_decoder, ckpt, base_config=config, device=device)
+        trained = trained_decoding(decoder, record, featinv_decoder, extractor, device=device,
+                                   steps=featinv_steps, guidance_scale=featinv_guidance)
     elif model is None:
         model = load_model(config, ckpt, device)
     decoder = FeatureDecoder(model, extractor, settings, loss=loss, channels=channels, precision=precision,

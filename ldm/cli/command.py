@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.api import FeatureDecoder, check_trained_decoder, load_trained_decoder, unguided_warning
+from ldm.api import FeatureDecoder, check_trained_decoder, trained_decoding, unguided_warning
 from ldm.checkpoint import CheckpointError, CheckpointNotFoundError
 from ldm.cli.batch import BatchRun, Job, RunContext, RunStopped
 from ldm.cli.options import SETTING_FLAGS, TAESD_SD_DECODER, RunOptions, flag
@@ -366,13 +366,17 @@ def _load_models(plan: Plan, jobs: list[Job]) -> FeatureDecoder:
     target model, the targets' features; → the decoder."""
     o = plan.options
     torch.manual_seed(o.seed)
-    extractor, trained = plan.source.build(plan.device), None
+    trained = None
     if o.decoder == "guided":
         model = load_model(o.config, o.ckpt, plan.device, missing_hint=plan.ckpt_hint)
+        extractor = plan.source.build(plan.device)
     else:
-        model, trained = load_trained_decoder(o.decoder, o.featinv_decoder, extractor, config=o.config,
-                                              ckpt=o.ckpt, device=plan.device, steps=o.featinv_steps,
-                                              guidance_scale=o.featinv_guidance)
+        from ldm.featinv import load_decoder
+
+        model, record = load_decoder(o.featinv_decoder, o.ckpt, base_config=o.config, device=plan.device)
+        extractor = plan.source.build(plan.device)
+        trained = trained_decoding(o.decoder, record, o.featinv_decoder, extractor, device=plan.device,
+                                   steps=o.featinv_steps, guidance_scale=o.featinv_guidance)
     model, extractor = prepare(model, extractor, compile=o.compile, grad_checkpoint=o.grad_checkpoint)
     tiny = None
     if o.gradient_decoder:
