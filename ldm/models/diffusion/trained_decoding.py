@@ -45,10 +45,6 @@ class FeatInvDenoiser(_ControlledDenoiser):
         self.hint, self.guidance_scale = hint, guidance_scale
         self.context, self.uncontext = context, uncontext
 
-    @property
-    def image_multiple(self) -> int:
-        return self.model.image_multiple
-
     def apply_model(self, z_t, t, cond):
         batch = z_t.shape[0]
         hint = _batched(self.hint, batch)
