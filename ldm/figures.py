@@ -104,6 +104,12 @@ def target_key(run: dict) -> tuple[str, str]:
     return kind, source
 
 
+def default_label(run: dict) -> str:
+    """A run's column label: its extractor, and its decoder when that is not the guided one."""
+    kind = (run.get("decoder") or {}).get("kind", "guided")
+    return run["extractor"] if kind == "guided" else f"{run['extractor']} ({kind})"
+
+
 def mosaic_layout(runs: Sequence[dict], cell: int = 128, pad: int = 6,
                   labels: Sequence[str] | None = None, images: Sequence[str] = IMAGE_COLUMNS,
                   reloaded: bool = True) -> MosaicLayout:
@@ -118,7 +124,7 @@ def mosaic_layout(runs: Sequence[dict], cell: int = 128, pad: int = 6,
     if not images or any(i not in IMAGE_COLUMNS for i in images) or len(set(images)) != len(images):
         raise FigureError(f"images {images} must be 'final', 'best' or both")
     if labels is None:
-        labels = [run["extractor"] for run in runs]
+        labels = [default_label(run) for run in runs]
     elif len(labels) != len(runs):
         raise FigureError(f"{len(labels)} labels for {len(runs)} runs: give one label per run, in "
                           "the order the runs are listed")

@@ -167,3 +167,15 @@ def test_featinv_runs_under_bf16(tiny_decoder, tmp_path, capsys):
     assert code == 0, err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["precision"] == "bf16" and -1 <= metrics["final"]["cosine"] <= 1
+
+
+def test_mosaics_keep_the_decoders_apart(tmp_path, capsys):
+    from ldm.figures import mosaic_layout
+    from ldm.run_folder import load_run
+
+    assert toy_cli(["--extractor", "toy_all", "--decoder", "featinv", "--featinv_steps", "4",
+                    "--optim_folder", tmp_path / "featinv"], capsys)[0] == 0
+    assert toy_cli(["--extractor", "toy_all", "--optim_timesteps", "3", "--optim_folder", tmp_path / "guided"],
+                   capsys)[0] == 0
+    layout = mosaic_layout([load_run(tmp_path / "guided"), load_run(tmp_path / "featinv")], 64)
+    assert layout.groups == ["toy_all", "toy_all (featinv)"] and len(layout.rows) == 1
