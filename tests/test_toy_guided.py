@@ -24,8 +24,10 @@ def toy_model():
 def test_shipped_toy_ldm_loads_strictly_and_is_small(toy_model):
     assert toy_model.num_timesteps == 1000 and toy_model.latent_downsample_factor == 4
     assert toy_model.cond_stage_model is None
+    # Every toy model together (the LDM 14 MB, the nets, the tiny decoder and the six trained
+    # FeatInv decoders of 2.85 MB each: 33.2 MB) stays under the 40 MB the toy world may take.
     total = sum(f.stat().st_size for f in (REPO / "models" / "toy").glob("*.safetensors"))
-    assert total <= 20 * 1024 ** 2
+    assert total <= 40 * 1000 ** 2
 
 
 def test_unguided_toy_samples_look_like_the_world(toy_model):
