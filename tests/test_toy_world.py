@@ -159,8 +159,11 @@ def test_shipped_nets_load_and_classify(fresh, name, thresholds):
 
 def test_shipped_weights_are_small():
     sizes = {f: os.path.getsize(os.path.join(MODELS, f)) for f in os.listdir(MODELS) if f.endswith(".safetensors")}
-    assert sum(v for f, v in sizes.items() if f != "ldm.safetensors") < 2 * 1024 * 1024  # the small CNNs
-    assert sum(sizes.values()) <= 20 * 1024 * 1024                                     # with the toy LDM
+    nets = [f for f in sizes if f.startswith(("extractor_", "oracle_"))]
+    assert len(nets) == 4 and sum(sizes[f] for f in nets) < 2 * 1024 * 1024       # the small CNNs
+    # Everything (the LDM 14 MB, the tiny decoder, six FeatInv decoders of 2.85 MB: 33.2 MB)
+    # stays under the 40 MB the toy world may take.
+    assert sum(sizes.values()) <= 40 * 1000 ** 2
 
 
 def test_features_are_differentiable():
