@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 
 from ldm.benchmarks.compare import CountingModel, CountingObjective
+from ldm.cli.options import RunOptions
 from ldm.models.diffusion.feature_guidance import GuidanceSettings, sample_feature_guided
 from ldm.objectives import FeatureDistance
 from ldm.paths import shipped
@@ -19,13 +20,15 @@ TOY_TINY_DECODER = shipped("models/toy/taesd_decoder.safetensors")
 
 
 def toy_guidance(**changes) -> GuidanceSettings:
-    """The toy defaults (ldm/toy/defaults.py) as sampler settings, with `changes`."""
-    d = TOY_DEFAULTS
-    base = GuidanceSettings(forward_guidance=True, forward_guidance_wt=d["optim_forward_guidance_wt"],
-                            grad_clip_threshold=d["optim_grad_clip_threshold"],
-                            num_steps=tuple(d["optim_num_steps"]), early_emp_end=d["optim_early_emp_end"],
-                            timesteps=d["optim_timesteps"])
-    return replace(base, **changes)
+    """The toy defaults (ldm/toy/defaults.py) with forward guidance on, as the command line
+    resolves them, with `changes`."""
+    options = RunOptions(**{**TOY_DEFAULTS, "optim_forward_guidance": True})
+    return replace(options.settings(), **changes)
+
+
+def saved_range(result) -> torch.Tensor:
+    """A sampler result's final images in [0, 1]."""
+    return ((result.final_images + 1) / 2).clamp(0, 1)
 
 
 def seeded(goals: torch.Tensor, seed: int, device) -> list[torch.Generator]:
@@ -33,11 +36,11 @@ def seeded(goals: torch.Tensor, seed: int, device) -> list[torch.Generator]:
     return [torch.Generator(device).manual_seed(seed * 1000 + b) for b in range(len(goals))]
 
 
-def guided(tiny_decoder: bool = False, **changes):
-    """The guided sampler at the toy defaults with `changes` (and the shipped tiny decoder
-    carrying the gradient, if asked)."""
+def guided(tiny_decoder: bool = False, settings: GuidanceSettings | None = None, **changes):
+    """The guided sampler at `settings` (default: the toy defaults with `changes`), and the
+    shipped tiny decoder carrying the gradient, if asked."""
     def factory(model, extractor, costs):
-        settings = toy_guidance(**changes)
+        run_settings = settings or toy_guidance(**changes)
         tiny = None
         if tiny_decoder:
             from ldm.models.taesd import TinyFirstStage, load_taesd_decoder
@@ -46,10 +49,10 @@ def guided(tiny_decoder: bool = False, **changes):
         def decode(goals, targets, seed):
             objective = CountingObjective(FeatureDistance(extractor, goals), costs)
             shape = (len(goals), model.channels, model.image_size, model.image_size)
-            result = sample_feature_guided(model, None, objective, settings, shape,
+            result = sample_feature_guided(model, None, objective, run_settings, shape,
                                            seeded(goals, seed, goals.device), progress=False,
                                            gradient_decoder=tiny)
-            return ((result.final_images + 1) / 2).clamp(0, 1)
+            return saved_range(result)
         return decode
     return factory
 
@@ -84,27 +87,27 @@ def featinv(spatial: bool = True, steps: int = 50, guidance_scale: float = 5.0):
             shape = (len(goals), control.channels, control.image_size, control.image_size)
             result = sample_featinv(denoiser, objective, shape, seeded(goals, seed, goals.device),
                                     steps=steps, progress=False)
-            return ((result.final_images + 1) / 2).clamp(0, 1)
+            return saved_range(result)
         return decode
     return factory
 
 
-def hybrid(guidance_scale: float = 5.0, **changes):
-    """The guided sampler at the toy defaults with `changes`, its denoiser the spatial toy
-    FeatInv decoder (guided over the hint with `guidance_scale`)."""
+def hybrid(guidance_scale: float = 5.0, settings: GuidanceSettings | None = None, **changes):
+    """The guided sampler at `settings` (default: the toy defaults with `changes`), its
+    denoiser the spatial toy FeatInv decoder (guided over the hint with `guidance_scale`)."""
     from ldm.models.diffusion.trained_decoding import FeatInvDenoiser
 
     def factory(model, extractor, costs):
         control, hints = _toy_featinv(extractor, costs, True)
-        settings = toy_guidance(**changes)
+        run_settings = settings or toy_guidance(**changes)
 
         def decode(goals, targets, seed):
             denoiser = FeatInvDenoiser(control, hints(targets), guidance_scale)
             objective = CountingObjective(FeatureDistance(extractor, goals), costs)
             shape = (len(goals), control.channels, control.image_size, control.image_size)
-            result = sample_feature_guided(denoiser, None, objective, settings, shape,
+            result = sample_feature_guided(denoiser, None, objective, run_settings, shape,
                                            seeded(goals, seed, goals.device), progress=False)
-            return ((result.final_images + 1) / 2).clamp(0, 1)
+            return saved_range(result)
         return decode
     return factory
 
@@ -116,12 +119,9 @@ def toy_preset(name: str):
     from ldm.toy.defaults import TOY_PRESETS
 
     options = preset_options(name, TOY_PRESETS, TOY_DEFAULTS)
-    settings = options.settings()
-    changes = {f: getattr(settings, f) for f in ("forward_guidance_wt", "grad_clip_threshold", "num_steps",
-                                                 "early_emp_end", "timesteps", "skip_guided_decode", "gradient")}
     if options.decoder == "hybrid":
-        return hybrid(guidance_scale=options.featinv_guidance, **changes)
-    return guided(tiny_decoder=options.gradient_decoder is not None, **changes)
+        return hybrid(guidance_scale=options.featinv_guidance, settings=options.settings())
+    return guided(tiny_decoder=options.gradient_decoder is not None, settings=options.settings())
 
 
 # The comparison's rows (docs/trained-decoder.md, docs/fast-path.md): the guided decoder at the
