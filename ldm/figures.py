@@ -69,10 +69,6 @@ class MosaicLayout:
         self.footer_height = line + self.pad
 
     @property
-    def n_columns(self) -> int:
-        return 1 + len(self.groups) * len(self.images)
-
-    @property
     def group_width(self) -> int:
         """Width of one model's columns (final | best)."""
         return len(self.images) * (self.cell + self.pad) - self.pad
@@ -106,8 +102,10 @@ def target_key(run: dict) -> tuple[str, str]:
 
 def default_label(run: dict) -> str:
     """A run's column label: its extractor, and its decoder when that is not the guided one."""
-    kind = (run.get("decoder") or {}).get("kind", "guided")
-    return run["extractor"] if kind == "guided" else f"{run['extractor']} ({kind})"
+    from ldm.decoders import DecoderOptions
+
+    kind = (run.get("decoder") or {}).get("kind", DecoderOptions.kind)
+    return run["extractor"] if kind == DecoderOptions.kind else f"{run['extractor']} ({kind})"
 
 
 def mosaic_layout(runs: Sequence[dict], cell: int = 128, pad: int = 6,

@@ -16,8 +16,9 @@ import sys
 
 from ldm.cli import main
 from ldm.toy.defaults import TOY_CKPT_HINT, TOY_DEFAULTS, TOY_FEATINV_DECODERS, TOY_PRESETS
+from ldm.toy.extractors import TOY_EXTRACTORS
 
 if __name__ == "__main__":
-    sys.exit(main({"toy_shape": "toy_shape", "toy_colour": "toy_colour", "toy_all": "toy_all"},
+    sys.exit(main({name: name for name in TOY_EXTRACTORS},
                   defaults=TOY_DEFAULTS, presets=TOY_PRESETS, ckpt_hint=TOY_CKPT_HINT,
                   featinv_decoders=TOY_FEATINV_DECODERS))

@@ -160,12 +160,16 @@ def test_vith14_script_with_a_small_vit(sd_files, tmp_path, capsys, monkeypatch)
     assert check_outputs(tmp_path / "out", with_cosine=True, printed=False)["extractor"] == "torchvision:vit_h_14"
 
 
+def code_of_page(page: str) -> str:
+    return re.search(r"```python\n(# scripts/convnext_guided.py\n.*?)```", page, re.S).group(1)
+
+
 def test_readme_example_adds_a_model(sd_files, tmp_path, capsys):
     """docs/adding-a-model.md's script, copied verbatim, runs with every flag."""
     from torchvision.models import convnext_tiny
 
     readme = (REPO / "docs" / "adding-a-model.md").read_text()
-    code = re.search(r"```python\n(# scripts/convnext_guided.py\n.*?)```", readme, re.S).group(1)
+    code = code_of_page(readme)
     namespace = {"__name__": "convnext_guided"}        # the script, not run as __main__
     exec(compile(code, "convnext_guided.py", "exec"), namespace)
     assert "sys.exit(main(ConvNeXtTiny))" in code
@@ -176,6 +180,20 @@ def test_readme_example_adds_a_model(sd_files, tmp_path, capsys):
     assert code == 0, err
     metrics = check_outputs(tmp_path / "out", with_cosine=True, printed=False)
     assert metrics["extractor"] == "convnext_tiny" and metrics["feature_shape"] == [768]
+    # As a registry name: random weights, a layer's spatial map, named by its file.
+    (tmp_path / "convnext_guided.py").write_text(code_text := code_of_page(readme))
+    code, _, err = run_cli(None, [*common(sd_files, tmp_path / "layer", "--prompt", REPO / "data/examples/rocket.jpg",
+                                          "--extractor_weights", "random"),
+                                  "--extractor", f"{tmp_path / 'convnext_guided.py'}:ConvNeXtTiny",
+                                  "--layer", "features.5", "--spatial"], capsys)
+    assert code == 0, err
+    metrics = check_outputs(tmp_path / "layer", with_cosine=True, printed=False)
+    assert metrics["extractor"] == "convnext_tiny@features.5" and metrics["feature_shape"] == [384, 14, 14]
+    assert "register_extractor" in code_text
+    code, _, err = run_cli(None, [*common(sd_files, tmp_path / "bad", "--prompt", REPO / "data/examples/rocket.jpg",
+                                          "--extractor_weights", "random"),
+                                  "--extractor", "convnext_tiny", "--layer", "stages.9"], capsys)
+    assert code == 2 and "valid names near 'stages.9'" in err, err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -91,3 +91,41 @@ def test_only_the_scorelog_module_knows_the_log_format():
     files = [*(REPO / "ldm").rglob("*.py"), *(REPO / "scripts").glob("*.py"), *(REPO / "tests").glob("*.py")]
     speaking = [str(p.relative_to(REPO)) for p in files if p not in owners and "xy_dists" in p.read_text()]
     assert not speaking, f"these parse or write score lines themselves: {speaking}"
+
+
+DECODER_NAMES = ("guided", "featinv", "hybrid")
+
+
+def test_only_ldm_decoders_dispatches_on_the_decoder_kind():
+    """A decoder kind is one class in ldm/decoders: no other module compares a kind's name."""
+    import re
+
+    compared = re.compile(r"""(==|!=|\bin \(|\bis)\s*["'](%s)["']|["'](%s)["']\s*(==|!=|\bin\b)"""
+                          % ("|".join(DECODER_NAMES), "|".join(DECODER_NAMES)))
+    files = [p for p in [*(REPO / "ldm").rglob("*.py"), *(REPO / "scripts").glob("*.py")]
+             if REPO / "ldm" / "decoders" not in p.parents]
+    dispatching = [f"{p.relative_to(REPO)}:{n}" for p in files
+                   for n, line in enumerate(p.read_text().splitlines(), 1)
+                   if compared.search(line) and not line.strip().startswith("for ")]
+    assert not dispatching, f"these test a decoder's name outside ldm/decoders: {dispatching}"
+
+
+def toy_name_literals(path: Path) -> list[int]:
+    """Lines of tuple, list, set or dict literals that name two or more toy extractors."""
+    names = {"toy_shape", "toy_colour", "toy_all", "toy:shape", "toy:colour", "toy:all",
+             "extractor_shape", "extractor_colour", "extractor_all"}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        items = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)) and items:
+            strings = {i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)}
+            if len(strings & names) >= 2:
+                found.append(node.lineno)
+    return found
+
+
+def test_the_toy_extractor_list_is_written_once():
+    """The toy extractors are listed in one place: ldm.toy.extractors.TOY_EXTRACTORS."""
+    files = [*(REPO / "ldm").rglob("*.py"), *(REPO / "scripts").glob("*.py")]
+    listing = [f"{p.relative_to(REPO)}:{line}" for p in files for line in toy_name_literals(p)]
+    assert not listing, f"these list the toy extractors again (use ldm.toy.extractors.TOY_EXTRACTORS): {listing}"

@@ -131,9 +131,6 @@ def test_class_constants():
     assert ClipRN50Extractor.preprocessing.input_size == 224
     assert ClipRN50Extractor.preprocessing.mean == (0.48145466, 0.4578275, 0.40821073)
     assert ClipRN50Extractor.preprocessing.std == (0.26862954, 0.26130258, 0.27577711)
-    # every log line carries the cosine similarity, whatever the extractor
-    assert ClipRN50Extractor.log_cosine and ResNet50Extractor.log_cosine
-    assert VitH14Extractor.log_cosine and FeatureExtractor.log_cosine
 
 
 # --- local weights round trip ----------------------------------------------------------------
@@ -202,7 +199,6 @@ def test_vit_h_14_shapes_on_meta():
     assert sum(p.numel() for p in model.parameters()) == ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1.meta["num_params"]
     headless(model, "heads.head")
     assert model(torch.empty(2, 3, 518, 518, device="meta")).shape == (2, 1280)
-    assert VitH14Extractor.feature_dim == 1280
 
 
 # --- frozen, eval, differentiable ------------------------------------------------------------
@@ -223,7 +219,6 @@ def test_forward_is_differentiable(extractor):
     features = extractor(images)
     assert features.dtype == torch.float32
     assert features.shape == (1, {"resnet50": 2048, "clip_rn50": 1024}[extractor.name])
-    assert features.shape[-1] == extractor.feature_dim
     features.pow(2).sum().backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
 

@@ -83,11 +83,11 @@ def test_mosaic_one_row_per_target_and_a_column_pair_per_model(tmp_path, target_
     cell = 40
     layout = mosaic_layout(runs, cell)
     assert layout.groups == ["resnet50", "vit_h14"]
-    assert len(layout.rows) == 2 and layout.n_columns == 5       # target + 2 models x (final, best)
+    assert len(layout.rows) == 2 and len(layout.groups) * len(layout.images) + 1 == 5   # target + 2 models x (final, best)
     assert [t["target"]["kind"] for t in layout.targets] == ["image", "text"]
     image = run_mosaic(runs, cell)
     assert image.size == layout.size
-    assert image.width >= layout.n_columns * cell and image.height >= 2 * cell
+    assert image.width >= 5 * cell and image.height >= 2 * cell
     assert centre(image, layout.box(0, 0), cell) == GREEN        # the target image
     assert centre(image, layout.box(0, 1), cell) == RED          # resnet50 final
     assert centre(image, layout.box(0, 2), cell) == BLUE         # resnet50 best
@@ -106,7 +106,7 @@ def test_runs_sharing_a_label_share_columns_and_repeat_rows(tmp_path, target_ima
     layout = mosaic_layout(runs, 32)
     assert layout.groups == ["toy_shape"] and len(layout.rows) == 2   # two seeds, two rows
     split = mosaic_layout(runs, 32, labels=["seed 1", "seed 2"], images=["final"])
-    assert split.groups == ["seed 1", "seed 2"] and len(split.rows) == 1 and split.n_columns == 3
+    assert split.groups == ["seed 1", "seed 2"] and len(split.rows) == 1 and len(split.groups) * len(split.images) + 1 == 3
     with pytest.raises(FigureError, match="3 labels for 2 runs"):
         mosaic_layout(runs, 32, labels=["a", "b", "c"])
 
@@ -280,13 +280,13 @@ def _write(path: Path, text: str) -> Path:
 def test_real_toy_runs_to_mosaic_and_curves(tmp_path, capsys):
     """Two toy extractors decode the same shipped target (a few iterations each), then both
     figures are made from their folders."""
-    from ldm.extractors.toy import TOY_EXTRACTORS
+    from ldm.toy.extractors import TOY_EXTRACTORS
     from ldm.cli import main as guided_main
     from ldm.toy.defaults import TOY_CKPT, TOY_CKPT_HINT, TOY_CONFIG, TOY_DEFAULTS
 
     target = REPO / "data" / "toy" / "toy_00_red_circle.png"
     for name in ("toy_shape", "toy_colour"):
-        code = guided_main(TOY_EXTRACTORS, defaults=TOY_DEFAULTS, ckpt_hint=TOY_CKPT_HINT, argv=[
+        code = guided_main({name: name for name in TOY_EXTRACTORS}, defaults=TOY_DEFAULTS, ckpt_hint=TOY_CKPT_HINT, argv=[
             "--extractor", name, "--prompt", str(target), "--optim_forward_guidance",
             "--optim_timesteps", "4", "--optim_num_steps", "2", "1", "--optim_early_emp_end", "900",
             "--config", str(REPO / TOY_CONFIG), "--ckpt", str(REPO / TOY_CKPT),

@@ -98,14 +98,14 @@ def run_tiny(sd_files: Path, folder: Path, *extra, prompt=(TARGETS[0],), code: i
 
 
 def golden_runs(sd_files: Path, root: Path) -> dict:
-    from ldm.extractors.toy import TOY_EXTRACTORS
+    from ldm.toy.extractors import TOY_EXTRACTORS
     from ldm.cli import main
     from ldm.toy.defaults import TOY_CKPT, TOY_CKPT_HINT, TOY_CONFIG, TOY_DEFAULTS
 
     run_tiny(sd_files, root / "forward", *FORWARD)
     run_tiny(sd_files, root / "backward", *BACKWARD)
     run_tiny(sd_files, root / "batch", *FORWARD, "--batch_size", "2", prompt=TARGETS)
-    assert main(TOY_EXTRACTORS, defaults=TOY_DEFAULTS, ckpt_hint=TOY_CKPT_HINT, argv=[
+    assert main({name: name for name in TOY_EXTRACTORS}, defaults=TOY_DEFAULTS, ckpt_hint=TOY_CKPT_HINT, argv=[
         "--extractor", "toy_all", "--optim_forward_guidance", "--optim_timesteps", "12",
         "--config", str(REPO / TOY_CONFIG), "--ckpt", str(REPO / TOY_CKPT), "--no_progress",
         "--prompt", str(REPO / TOY_DEFAULTS["prompt"]), "--optim_folder", str(root / "toy")]) == 0

@@ -20,7 +20,7 @@ from torchvision.transforms import functional as TF
 
 import ldm.extractors.weights as W
 from ldm.extractors import (LIBRARIES, ClipRN50Extractor, ExtractorSpec, ExtractorSpecError,
-                            FeatureExtractor, ModuleExtractor, ResNet50Extractor,
+                            ModuleExtractor, ResNet50Extractor,
                             TextTargetNotSupported, TorchvisionExtractor, UnknownLayerError,
                             VitH14Extractor, WeightsNotFoundError, build_extractor,
                             list_extractors, list_layers, parse_spec)
@@ -102,7 +102,7 @@ def test_text_support_known_from_the_spec():
 def test_listing():
     names = list_extractors()
     assert {"resnet50", "clip_rn50", "vit_h_14", "toy_shape", "toy_colour", "toy_all"} <= set(names)
-    assert set(LIBRARIES) == {"torchvision", "timm", "open_clip", "toy"}          # registered
+    assert set(LIBRARIES) == {"torchvision", "timm", "open_clip", "toy", "local"}   # registered
     assert list_extractors("toy") == ["toy:shape", "toy:colour", "toy:all"]
     assert {"torchvision:resnet50", "torchvision:vit_h_14", "open_clip:RN50"} <= set(names)
     assert "torchvision:convnext_tiny" in list_extractors("torchvision")
@@ -173,7 +173,6 @@ def test_paper_entries_build_the_paper_classes():
     alias = build_extractor("resnet50@layer2", weights="random")
     assert type(alias) is ResNet50Extractor and alias.name == "resnet50@layer2"
     assert alias(torch.zeros(1, 3, 64, 64)).shape == (1, 512)
-    assert all(cls.log_cosine for cls in (FeatureExtractor, ModuleExtractor, TimmExtractor))
 
 
 def test_open_clip_layer_has_no_text(tmp_path):

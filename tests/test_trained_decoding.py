@@ -14,9 +14,10 @@ from ldm.objectives import FeatureDistance
 from ldm.paths import shipped
 from ldm.scorelog import read_scores
 from ldm.toy.defaults import TOY_CKPT, TOY_CONFIG, TOY_DEFAULTS, TOY_FEATINV_DECODERS, TOY_PRESETS
+from ldm.toy.extractors import TOY_EXTRACTORS
 from tiny_models import TinyExtractor, run_cli, tiny_args, write_tiny_sd
 
-TOY_CHOICES = {name: name for name in ("toy_shape", "toy_colour", "toy_all")}
+TOY_CHOICES = {name: name for name in TOY_EXTRACTORS}
 TOY_TARGET = str(shipped("data/toy/toy_00_red_circle.png"))
 
 
@@ -179,3 +180,32 @@ def test_mosaics_keep_the_decoders_apart(tmp_path, capsys):
                    capsys)[0] == 0
     layout = mosaic_layout([load_run(tmp_path / "guided"), load_run(tmp_path / "featinv")], 64)
     assert layout.groups == ["toy_all", "toy_all (featinv)"] and len(layout.rows) == 1
+
+
+def test_a_decoder_kind_is_one_module_and_one_registry_line(tmp_path, capsys, monkeypatch):
+    """docs/architecture.md's example kind, as written there, runs from the command line and
+    the API with the shared run folder."""
+    import re
+    import sys
+    import types
+
+    from ldm.decoders import DECODER_KINDS
+
+    page = (shipped("docs/architecture.md")).read_text()
+    code = re.search(r"```python\n(# ldm/decoders/unguided.py.*?)```", page, re.S).group(1)
+    module = types.ModuleType("ldm.decoders.unguided")
+    exec(compile(code, "ldm/decoders/unguided.py", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, "ldm.decoders.unguided", module)
+    monkeypatch.setitem(DECODER_KINDS, "unguided", "ldm.decoders.unguided:Unguided")
+    code, out, err = toy_cli(["--extractor", "toy_all", "--decoder", "unguided", "--optim_forward_guidance",
+                              "--optim_timesteps", "4", "--optim_num_steps", "1", "--optim_folder", tmp_path], capsys)
+    assert code == 0, err
+    assert "4 guided iterations" in out       # the settings say guided; the kind drops the guidance
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["decoder"] == {"kind": "unguided"} and metrics["iterations"] == 4
+    from ldm.models.diffusion.feature_guidance import GuidanceSettings
+
+    results = decode([TOY_TARGET], "toy_all", decoder="unguided", config=TOY_CONFIG, ckpt=TOY_CKPT,
+                     settings=GuidanceSettings(forward_guidance=True, timesteps=3), height=32, width=32,
+                     device="cpu", progress=False)
+    assert results[0].metrics["iterations"] == 3

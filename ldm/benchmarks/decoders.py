@@ -11,10 +11,11 @@ import torch
 
 from ldm.benchmarks.compare import CountingModel, CountingObjective
 from ldm.cli.options import RunOptions
-from ldm.models.diffusion.feature_guidance import GuidanceSettings, sample_feature_guided
+from ldm.decoders import DecoderOptions, decoder_kind, make_decoding, sample_batch, to_unit_range
+from ldm.models.diffusion.feature_guidance import GuidanceSettings
 from ldm.objectives import FeatureDistance
 from ldm.paths import shipped
-from ldm.toy.defaults import TOY_DEFAULTS
+from ldm.toy.defaults import TOY_CKPT, TOY_CONFIG, TOY_DEFAULTS
 
 TOY_TINY_DECODER = shipped("models/toy/taesd_decoder.safetensors")
 
@@ -26,90 +27,66 @@ def toy_guidance(**changes) -> GuidanceSettings:
     return replace(options.settings(), **changes)
 
 
-def saved_range(result) -> torch.Tensor:
-    """A sampler result's final images in [0, 1]."""
-    return ((result.final_images + 1) / 2).clamp(0, 1)
-
-
-def seeded(goals: torch.Tensor, seed: int, device) -> list[torch.Generator]:
+def seeds(goals: torch.Tensor, seed: int) -> list[int]:
     """Target b of a batch with seed s draws from its own generator (s · 1000 + b)."""
-    return [torch.Generator(device).manual_seed(seed * 1000 + b) for b in range(len(goals))]
+    return [seed * 1000 + b for b in range(len(goals))]
+
+
+def _decoder(options: DecoderOptions, settings: GuidanceSettings | None, tiny: bool = False):
+    """A comparison decoder of the kind `options`, at `settings` (trained kinds: the shipped toy
+    decoder file), its gradient through the shipped tiny decoder if `tiny`."""
+    def factory(model, extractor, costs):
+        decoding = make_decoding(options)
+        if decoding.needs_file:
+            model = decoding.load_model(shipped(TOY_CONFIG), shipped(TOY_CKPT), "cpu")
+            decoding.bind(extractor, "cpu")
+            model = CountingModel(model, costs)
+        gradient_decoder = None
+        if tiny:
+            from ldm.models.taesd import TinyFirstStage, load_taesd_decoder
+            gradient_decoder = TinyFirstStage(load_taesd_decoder(TOY_TINY_DECODER))
+
+        def decode(goals, targets, seed):
+            objective = CountingObjective(FeatureDistance(extractor, goals), costs)
+            shape = (len(goals), model.channels, model.image_size, model.image_size)
+            result = sample_batch(decoding, model, objective, shape, seeds(goals, seed), settings=settings,
+                                  hints=decoding.image_hints(targets * 2 - 1, goals),
+                                  gradient_decoder=gradient_decoder, progress=False)
+            return to_unit_range(result.final_images)
+        return decode
+    return factory
+
+
+def _toy_file(extractor_name: str, spatial: bool) -> str:
+    from ldm.featinv.toy import decoder_name
+
+    return str(shipped(f"models/toy/{decoder_name(extractor_name, spatial)}.safetensors"))
 
 
 def guided(tiny_decoder: bool = False, settings: GuidanceSettings | None = None, **changes):
     """The guided sampler at `settings` (default: the toy defaults with `changes`), and the
     shipped tiny decoder carrying the gradient, if asked."""
+    return _decoder(DecoderOptions(), settings or toy_guidance(**changes), tiny_decoder)
+
+
+def _toy_kind(kind: str, guidance_scale: float, settings=None, *, spatial: bool = True, steps: int = 50,
+              tiny: bool = False):
+    """The decoder kind `kind`; a trained one with the shipped toy decoder of the run's extractor."""
     def factory(model, extractor, costs):
-        run_settings = settings or toy_guidance(**changes)
-        tiny = None
-        if tiny_decoder:
-            from ldm.models.taesd import TinyFirstStage, load_taesd_decoder
-            tiny = TinyFirstStage(load_taesd_decoder(TOY_TINY_DECODER))
-
-        def decode(goals, targets, seed):
-            objective = CountingObjective(FeatureDistance(extractor, goals), costs)
-            shape = (len(goals), model.channels, model.image_size, model.image_size)
-            result = sample_feature_guided(model, None, objective, run_settings, shape,
-                                           seeded(goals, seed, goals.device), progress=False,
-                                           gradient_decoder=tiny)
-            return saved_range(result)
-        return decode
+        file = _toy_file(extractor.name, spatial) if decoder_kind(kind).needs_file else None
+        return _decoder(DecoderOptions(kind, file, steps, guidance_scale), settings, tiny)(model, extractor, costs)
     return factory
-
-
-def _toy_featinv(extractor, costs, spatial: bool):
-    """The shipped toy FeatInv decoder of `extractor`, counting its UNet evaluations, and a
-    function of target images → hints."""
-    from ldm.featinv import feature_to_hint, load_decoder
-    from ldm.featinv.toy import decoder_name
-    from ldm.toy.defaults import TOY_CKPT, TOY_CONFIG
-
-    path = shipped(f"models/toy/{decoder_name(extractor.name, spatial)}.safetensors")
-    model, record = load_decoder(path, shipped(TOY_CKPT), base_config=shipped(TOY_CONFIG))
-    hint_extractor = record.build_extractor()
-
-    def hints(targets):
-        with torch.no_grad():
-            return feature_to_hint(hint_extractor(targets * 2 - 1))
-    return CountingModel(model, costs), hints
 
 
 def featinv(spatial: bool = True, steps: int = 50, guidance_scale: float = 5.0):
     """FeatInv's DDIM sampler on the shipped toy decoder (ldm/featinv/toy.py)."""
-    from ldm.models.diffusion.trained_decoding import FeatInvDenoiser, sample_featinv
-
-    def factory(model, extractor, costs):
-        control, hints = _toy_featinv(extractor, costs, spatial)
-
-        def decode(goals, targets, seed):
-            denoiser = FeatInvDenoiser(control, hints(targets), guidance_scale)
-            objective = CountingObjective(FeatureDistance(extractor, goals), costs)
-            shape = (len(goals), control.channels, control.image_size, control.image_size)
-            result = sample_featinv(denoiser, objective, shape, seeded(goals, seed, goals.device),
-                                    steps=steps, progress=False)
-            return saved_range(result)
-        return decode
-    return factory
+    return _toy_kind("featinv", guidance_scale, spatial=spatial, steps=steps)
 
 
 def hybrid(guidance_scale: float = 5.0, settings: GuidanceSettings | None = None, **changes):
     """The guided sampler at `settings` (default: the toy defaults with `changes`), its
     denoiser the spatial toy FeatInv decoder (guided over the hint with `guidance_scale`)."""
-    from ldm.models.diffusion.trained_decoding import FeatInvDenoiser
-
-    def factory(model, extractor, costs):
-        control, hints = _toy_featinv(extractor, costs, True)
-        run_settings = settings or toy_guidance(**changes)
-
-        def decode(goals, targets, seed):
-            denoiser = FeatInvDenoiser(control, hints(targets), guidance_scale)
-            objective = CountingObjective(FeatureDistance(extractor, goals), costs)
-            shape = (len(goals), control.channels, control.image_size, control.image_size)
-            result = sample_feature_guided(denoiser, None, objective, run_settings, shape,
-                                           seeded(goals, seed, goals.device), progress=False)
-            return saved_range(result)
-        return decode
-    return factory
+    return _toy_kind("hybrid", guidance_scale, settings or toy_guidance(**changes))
 
 
 def toy_preset(name: str):
@@ -119,9 +96,8 @@ def toy_preset(name: str):
     from ldm.toy.defaults import TOY_PRESETS
 
     options = preset_options(name, TOY_PRESETS, TOY_DEFAULTS)
-    if options.decoder == "hybrid":
-        return hybrid(guidance_scale=options.featinv_guidance, settings=options.settings())
-    return guided(tiny_decoder=options.gradient_decoder is not None, settings=options.settings())
+    return _toy_kind(options.decoder, options.featinv_guidance, options.settings(),
+                     tiny=options.gradient_decoder is not None)
 
 
 # The comparison's rows (docs/trained-decoder.md, docs/fast-path.md): the guided decoder at the

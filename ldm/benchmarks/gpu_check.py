@@ -33,7 +33,8 @@ import torch
 from ldm.benchmarks import speed
 from ldm.models.tiny_sd import TINY_CONFIG, tiny_model
 from ldm.extractors import build_extractor
-from ldm.models.diffusion.feature_guidance import GuidanceSettings, sample_feature_guided
+from ldm.decoders import DecoderOptions, make_decoding, sample_batch
+from ldm.models.diffusion.feature_guidance import GuidanceSettings
 from ldm.objectives import FeatureDistance
 
 PEAK_FRACTION_GOAL = 0.40          # the paper path at batch 4, bf16
@@ -54,9 +55,9 @@ def tiny_run(device: torch.device, precision: str, iterations: int) -> dict:
         goal = extractor(torch.rand(2, 3, 16, 16, generator=gen).to(device) * 2 - 1)
     cond = model.get_learned_conditioning([""] * 2)
     settings = GuidanceSettings(forward_guidance=True, forward_guidance_wt=4.0, grad_clip_threshold=3.0)
-    gens = [torch.Generator(device).manual_seed(b) for b in range(2)]
-    result = sample_feature_guided(model, cond, FeatureDistance(extractor, goal), settings,
-                                   (2, model.channels, 4, 4), gens, progress=False, precision=precision)
+    result = sample_batch(make_decoding(DecoderOptions()), model, FeatureDistance(extractor, goal),
+                          (2, model.channels, 4, 4), range(2), settings=settings, cond=cond,
+                          precision=precision, progress=False)
     images = result.final_images.float().cpu()
     return {"images": images, "finite": bool(torch.isfinite(images).all())}
 

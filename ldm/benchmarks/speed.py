@@ -48,7 +48,8 @@ from omegaconf import OmegaConf
 from ldm.benchmarks.flops import counted_flops
 from ldm.extractors import build_extractor
 from ldm.cli.options import preset_options
-from ldm.models.diffusion.feature_guidance import SamplingStopped, sample_feature_guided
+from ldm.decoders import DecoderOptions, make_decoding, sample_batch
+from ldm.models.diffusion.feature_guidance import SamplingStopped
 from ldm.models.diffusion.mixed_precision import PRECISIONS
 from ldm.models.loading import build_model, load_model
 from ldm.objectives import FeatureDistance
@@ -261,10 +262,9 @@ def guided_run(model, context, extractor, c: Config, iterations: int, device: to
     path = FAST_SETTINGS if c.fast else PAPER_SETTINGS
     settings = replace(path, num_steps=(1,), early_emp_end=-1, timesteps=iterations,
                        save_intermediates=False)
-    gens = [torch.Generator(device).manual_seed(b) for b in range(c.batch)]
-    return sample_feature_guided(model, cond, FeatureDistance(extractor, goal), settings, shape,
-                                 gens, progress=False, precision=c.precision,
-                                 should_stop=on_boundary, gradient_decoder=tiny)
+    return sample_batch(make_decoding(DecoderOptions()), model, FeatureDistance(extractor, goal), shape,
+                        range(c.batch), settings=settings, cond=cond, precision=c.precision,
+                        gradient_decoder=tiny, progress=False, should_stop=on_boundary)
 
 
 def sync(device: torch.device) -> None:

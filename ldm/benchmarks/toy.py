@@ -43,8 +43,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ldm.objectives import FeatureDistance
-from ldm.extractors.toy import TOY_EXTRACTORS
-from ldm.models.diffusion.feature_guidance import GuidanceSettings, sample_feature_guided
+from ldm.toy.extractors import TOY_EXTRACTORS
+from ldm.decoders import DecoderOptions, make_decoding, sample_batch, to_unit_range
+from ldm.models.diffusion.feature_guidance import GuidanceSettings
 from ldm.models.loading import load_model
 from ldm.toy import world
 from ldm.toy.defaults import TOY_CKPT, TOY_CKPT_HINT, TOY_CONFIG, TOY_DEFAULTS
@@ -54,8 +55,10 @@ HELD_OUT_SEED = 2026            # not a seed of any training set (ldm/toy, confi
 ATTRIBUTES = ("shape", "colour", "size_class")
 
 
+GUIDED = make_decoding(DecoderOptions())
 # What each extractor was trained on (its feature encodes these; ldm/toy/nets.py).
-ENCODED = {"toy_shape": ("shape",), "toy_colour": ("colour",), "toy_all": ("shape", "colour")}
+# The sweep's verdicts read shape and colour.
+ENCODED = {name: tuple(a for a in cls.encodes if a in ("shape", "colour")) for name, cls in TOY_EXTRACTORS.items()}
 COSINE_GOAL = 0.95              # a target counts as reached at final cosine >= this
 
 
@@ -71,13 +74,13 @@ def decode(model, extractor, targets: torch.Tensor, settings: GuidanceSettings, 
     """Decode a batch of target images' features; → dict of tensors (images in [0, 1])."""
     with torch.no_grad():
         goal = extractor(targets * 2 - 1)
-    gens = [torch.Generator().manual_seed(seed + b) for b in range(len(targets))]
     shape = (len(targets), model.channels, model.image_size, model.image_size)
-    result = sample_feature_guided(model, None, FeatureDistance(extractor, goal), settings, shape, gens,
-                                   progress=sys.stderr.isatty())
+    result = sample_batch(GUIDED, model, FeatureDistance(extractor, goal), shape,
+                          [seed + b for b in range(len(targets))], settings=settings,
+                          progress=sys.stderr.isatty())
     best = torch.stack([b.image for b in result.best])
     return {
-        "final": ((result.final_images + 1) / 2).clamp(0, 1), "best": ((best + 1) / 2).clamp(0, 1),
+        "final": to_unit_range(result.final_images), "best": to_unit_range(best),
         "final_distance": result.final_distance, "final_cosine": result.final_cosine,
         "best_distance": torch.tensor([b.distance for b in result.best]),
         "best_cosine": torch.tensor([b.cosine for b in result.best]),

@@ -24,6 +24,7 @@ from ldm.cli.batch import EXIT_NUMERICAL_FAULT, RunStopped
 from ldm.cli.options import build_parser, parse_options
 from ldm.cli.command import run
 from ldm.cli.signals import EXIT_SIGNAL
+from ldm.decoders import decoder_kind
 from ldm.errors import InputError
 from ldm.extractors import FeatureExtractor
 from ldm.models.loading import SD_V14_MISSING_HINT
@@ -61,7 +62,7 @@ def main(extractor: str | type[FeatureExtractor] | dict | None = None, *, descri
     options = parse_options(parser, argv, presets)
     chosen = (extractor[options.extractor] if isinstance(extractor, dict)
               else options.extractor if extractor is None else extractor)
-    if options.decoder != "guided" and not options.featinv_decoder and featinv_decoders:
+    if not options.featinv_decoder and featinv_decoders and decoder_kind(options.decoder).needs_file:
         options.featinv_decoder = featinv_decoders.get(options.extractor)
     try:
         run(chosen, options, text_only=text_only, ckpt_hint=ckpt_hint, argv=argv, resume_hint=resume_hint)

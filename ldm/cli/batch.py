@@ -112,7 +112,7 @@ class BatchRun:
         return job.book["elapsed"] + time.perf_counter() - self.start
 
     def on_record(self, record: Record) -> None:
-        self.jobs[record.image].folder.log(format_line(record, self.ctx.decoder.extractor.log_cosine))
+        self.jobs[record.image].folder.log(format_line(record))
 
     def on_intermediate(self, b: int, stage: str, i: int, j: int, image: torch.Tensor) -> None:
         self.jobs[b].folder.save_png(names.intermediate(stage, i, j), image)
@@ -148,8 +148,7 @@ class BatchRun:
             "image_size": [o.H, o.W], "batch_size": len(self.jobs),
             "iterations": iterations, "total_iterations": ctx.total, "wall_time_s": self.elapsed(job),
             "guidance_gradient_guards": guards,
-            "decoder": ({"kind": "guided"} if ctx.decoder.trained is None else
-                        {**ctx.decoder.trained.to_json(), "file": o.featinv_decoder}),
+            "decoder": ctx.decoder.decoding.describe(),
             "versions": versions(), "argv": job.book["argv"], "resumes": job.book["resumes"],
         }
 
@@ -221,8 +220,7 @@ class BatchRun:
         ctx, first = self.ctx, self.jobs[0]
         what = (f"{first.target.kind} target {first.target.source!r}" if len(self.jobs) == 1
                 else f"{len(self.jobs)} targets")
-        kind = "guided" if ctx.settings.forward_guidance else "unguided"
-        kind = {"featinv": "FeatInv DDIM", "hybrid": f"hybrid {kind}"}.get(ctx.decoder.kind, kind)
+        kind = ctx.decoder.decoding.label(ctx.settings)
         print(f"{ctx.prefix}{'Resuming' if state else 'Decoding'} {what} with {ctx.decoder.extractor.name}: "
               f"{ctx.total} {kind} iterations on {ctx.device}; outputs in {self.where}")
         if state is not None:

@@ -14,16 +14,18 @@ from pathlib import Path
 
 import torch
 
-from ldm.api import FeatureDecoder, check_trained_decoder, trained_decoding, unguided_warning
+from ldm.api import FeatureDecoder, load_decoder_models, unguided_warning
 from ldm.checkpoint import CheckpointError, CheckpointNotFoundError
+from ldm.decoders import DecoderKind, make_decoding
 from ldm.cli.batch import BatchRun, Job, RunContext, RunStopped
 from ldm.cli.options import SETTING_FLAGS, TAESD_SD_DECODER, RunOptions, flag
 from ldm.cli.signals import StopOnSignals
 from ldm.errors import InputError, SettingError
-from ldm.extractors import FeatureExtractor, build_extractor, parse_spec
+from ldm.extractors import (ExtractorSpecError, FeatureExtractor, build_extractor, parse_spec,
+                            register_extractor)
 from ldm.extractors.weights import weights_kind
 from ldm.models.diffusion.feature_guidance import GuidanceSettings, check_state
-from ldm.models.loading import image_multiple, load_config, load_model
+from ldm.models.loading import image_multiple, load_config
 from ldm.performance import prepare
 from ldm.run_folder import RunFolder, RunStateError, fingerprint as fp, names, peek_run
 from ldm.run_folder.metrics import write_index
@@ -45,24 +47,33 @@ class ExtractorSource:
 
     @classmethod
     def of(cls, extractor, options: RunOptions) -> "ExtractorSource":
-        """A registry name (checked on the meta device: nothing read or loaded) or a class."""
-        if isinstance(extractor, str):
-            spec = extractor
-            if options.layer:
-                if "@" in spec:
-                    raise UsageError(f"--layer {options.layer!r}: the extractor {spec!r} already names a layer")
-                spec = f"{spec}@{options.layer}"
-            if parse_spec(spec).library != "toy":   # the toy models are small and shipped
-                with torch.device("meta"):
-                    build_extractor(spec, weights="random", device="meta", spatial=options.spatial)
-            return cls(spec, lambda device: build_extractor(
-                spec, weights=options.extractor_weights, weights_tag=options.weights_tag,
-                device=device, spatial=options.spatial), parse_spec(spec).supports_text)
-        if options.layer or options.spatial or options.weights_tag:
-            raise UsageError(f"--layer/--spatial/--weights_tag need an extractor from the registry; {extractor.name} is a "
-                             "fixed class (use scripts/feature_guided.py --extractor <library:model@layer>)")
-        return cls(extractor.name, lambda device: extractor(weights=options.extractor_weights, device=device),
-                   extractor.supports_text())
+        """A registry name or a script's own class (registered under its name), checked on the
+        meta device (nothing read or loaded) where the model can be built there."""
+        spec = extractor if isinstance(extractor, str) else register_extractor()(extractor).name
+        if options.layer:
+            if "@" in spec:
+                raise UsageError(f"--layer {options.layer!r}: the extractor {spec!r} already names a layer")
+            spec = f"{spec}@{options.layer}"
+        check_on_meta(spec, options.spatial)
+        return cls(spec, lambda device: build_extractor(
+            spec, weights=options.extractor_weights, weights_tag=options.weights_tag,
+            device=device, spatial=options.spatial), parse_spec(spec).supports_text)
+
+
+def check_on_meta(spec: str, spatial: bool) -> None:
+    """The spec's model and layer, built with random weights on the meta device (the toy's are
+    small and shipped; a class of the user's that cannot be built there is checked when built)."""
+    library = parse_spec(spec).library
+    if library == "toy":
+        return
+    try:
+        with torch.device("meta"):
+            build_extractor(spec, weights="random", device="meta", spatial=spatial)
+    except ExtractorSpecError:
+        raise
+    except Exception:
+        if library != "local":
+            raise
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -135,19 +146,17 @@ def check_model_files(options: RunOptions, settings: GuidanceSettings, ckpt_hint
     return latent, settings.schedule(num_timesteps)
 
 
-def check_decoder_file(options: RunOptions, source: ExtractorSource) -> None:
-    """The trained decoder of --decoder featinv/hybrid: a readable record (its safetensors
-    metadata only) of a decoder for the run's target model."""
-    from ldm.featinv import read_record
-
-    path = options.featinv_decoder
-    if not Path(path).is_file():
-        raise UsageError(f"--featinv_decoder {path!r}: no such file (train one with "
-                         "scripts/train_featinv.py; the toy's ship in models/toy/featinv_*.safetensors)")
+def check_decoding(options: RunOptions, source: ExtractorSource) -> DecoderKind:
+    """The decoder of --decoder, its files checked for the run's target model (a trained
+    decoder's record: its safetensors metadata only)."""
+    decoding = make_decoding(options.decoder_options())
     try:
-        check_trained_decoder(read_record(path), source.name, path)
+        decoding.check(source.name)
+    except FileNotFoundError as err:
+        raise UsageError(f"--featinv_decoder {err}") from None
     except ValueError as err:
         raise UsageError(f"--featinv_decoder: {err}") from None
+    return decoding
 
 
 def resume_command(argv: list[str]) -> str:
@@ -166,6 +175,7 @@ class Plan:
     settings: GuidanceSettings
     device: torch.device
     source: ExtractorSource
+    decoding: DecoderKind
     targets: list[Target]
     latent: tuple                 # one image's latent shape (channels, h, w)
     timesteps: list[int]          # the visited schedule
@@ -203,11 +213,10 @@ def make_plan(extractor, options: RunOptions, *, text_only: bool, ckpt_hint: str
         raise UsageError(f"--prompt {text!r} is not an image file, and {source.name} supports image "
                          "targets only (text targets need a text tower, e.g. scripts/clip_guided2.py)")
     latent, timesteps = check_model_files(options, settings, ckpt_hint)
-    if options.decoder != "guided":
-        check_decoder_file(options, source)
-    elif unguided_warning(settings):
+    decoding = check_decoding(options, source)
+    if decoding.guided and unguided_warning(settings):
         print(f"note: {unguided_warning(settings)}", file=sys.stderr)
-    return Plan(options, settings, device, source, targets, latent, timesteps, argv, ckpt_hint,
+    return Plan(options, settings, device, source, decoding, targets, latent, timesteps, argv, ckpt_hint,
                 resume_hint or resume_command(argv), shard)
 
 
@@ -298,12 +307,8 @@ def _fingerprint(plan: Plan, job: Job) -> dict:
     entries["--ckpt"] = fp.checkpoint_entry(options.ckpt)
     if options.gradient_decoder:   # absent before the fast path existed: no entry by default
         entries["--gradient_decoder"] = fp.checkpoint_entry(options.gradient_decoder)
-    if options.decoder != "guided":   # likewise for the trained decoders
-        entries["--decoder"] = fp.entry(options.decoder)
-        entries["--featinv_decoder"] = fp.checkpoint_entry(options.featinv_decoder)
-        entries["--featinv_guidance"] = fp.entry(options.featinv_guidance)
-        if options.decoder == "featinv":
-            entries["--featinv_steps"] = fp.entry(options.featinv_steps)
+    for name, value in plan.decoding.fingerprinted().items():   # likewise for the trained decoders
+        entries[flag(name)] = fp.checkpoint_entry(str(value)) if isinstance(value, Path) else fp.entry(value)
     return entries
 
 
@@ -366,30 +371,21 @@ def _load_models(plan: Plan, jobs: list[Job]) -> FeatureDecoder:
     target model, the targets' features; → the decoder."""
     o = plan.options
     torch.manual_seed(o.seed)
-    trained = None
-    if o.decoder == "guided":
-        model = load_model(o.config, o.ckpt, plan.device, missing_hint=plan.ckpt_hint)
-        extractor = plan.source.build(plan.device)
-    else:
-        from ldm.featinv import load_decoder
-
-        model, record = load_decoder(o.featinv_decoder, o.ckpt, base_config=o.config, device=plan.device)
-        extractor = plan.source.build(plan.device)
-        trained = trained_decoding(o.decoder, record, o.featinv_decoder, extractor, device=plan.device,
-                                   steps=o.featinv_steps, guidance_scale=o.featinv_guidance)
+    model, extractor = load_decoder_models(plan.decoding, plan.source.build, o.config, o.ckpt, plan.device,
+                                           missing_hint=plan.ckpt_hint)
     model, extractor = prepare(model, extractor, compile=o.compile, grad_checkpoint=o.grad_checkpoint)
     tiny = None
     if o.gradient_decoder:
         from ldm.models.taesd import TinyFirstStage, load_taesd_decoder
         tiny = TinyFirstStage(load_taesd_decoder(o.gradient_decoder, device=plan.device))
     decoder = FeatureDecoder(model, extractor, plan.settings, loss=o.loss, channels=o.channels,
-                             precision=o.precision, gradient_decoder=tiny, trained=trained)
+                             precision=o.precision, gradient_decoder=tiny, decoding=plan.decoding)
     for job in jobs:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")   # e.g. a text prompt truncated to CLIP's 77 tokens
             try:
                 job.goal = decoder.features(job.target)
-                job.hint = decoder.hint(job.target, job.goal) if trained else None
+                job.hint = decoder.hint(job.target, job.goal)
             except (TargetError, ValueError) as err:
                 raise UsageError(f"--prompt {err}") from None
         for warning in caught:

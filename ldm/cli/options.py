@@ -13,6 +13,7 @@ import argparse
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from ldm.decoders import DECODER_KINDS, DecoderOptions, decoder_kind
 from ldm.errors import SettingError
 from ldm.models.diffusion.feature_guidance import GuidanceSettings
 from ldm.models.diffusion.mixed_precision import PRECISIONS
@@ -42,7 +43,6 @@ FAST = {**PAPER, "optim_print": False, "optim_timesteps": 200, "optim_num_steps"
 HYBRID = {**PAPER, "optim_print": False, "optim_timesteps": 60, "optim_num_steps": [1],
           "optim_early_emp_end": -1, "decoder": "hybrid"}
 PRESETS = {"paper": PAPER, "fast": FAST, "hybrid": HYBRID}
-DECODERS = ("guided", "featinv", "hybrid")
 # Flags the reference parses but never uses (so never accepted here).
 DROPPED_REFERENCE_FLAGS = (
     "--laion400m", "--fixed_code", "--ddim_eta", "--n_iter", "--C", "--f", "--n_samples", "--steps",
@@ -110,7 +110,7 @@ class RunOptions:
         "guided: the paper's guided sampler; featinv: a trained FeatInv decoder sampled by DDIM, no "
         "extractor gradient (needs --featinv_decoder); hybrid: the guided sampler with the trained "
         "decoder as its denoiser (without --preset: the hybrid preset's schedule; docs/trained-decoder.md)",
-        "guided", choices=DECODERS, group="decoder")
+        "guided", choices=tuple(DECODER_KINDS), group="decoder")
     featinv_decoder: str | None = option(
         "the trained decoder of --decoder featinv/hybrid (.safetensors of scripts/train_featinv.py); "
         "it steers the model of --config/--ckpt", group="decoder",
@@ -228,13 +228,16 @@ class RunOptions:
             raise SettingError("--featinv_steps", f"{self.featinv_steps} is not from 1 to 1,000")
         if not math.isfinite(self.featinv_guidance) or self.featinv_guidance < 0:
             raise SettingError("--featinv_guidance", f"{self.featinv_guidance} is not a finite number >= 0")
-        if self.decoder != "guided" and not self.featinv_decoder:
+        if decoder_kind(self.decoder).needs_file and not self.featinv_decoder:
             raise SettingError("--featinv_decoder", f"--decoder {self.decoder} needs a trained decoder: "
                                "give --featinv_decoder FILE (train one with scripts/train_featinv.py)")
         if self.device is not None and self.device.partition(":")[0] not in DEVICE_TYPES:
             raise SettingError("--device", f"{self.device!r} is not one of {', '.join(DEVICE_TYPES)} "
                                "(cuda:N for a GPU by number)")
         self.settings()
+
+    def decoder_options(self) -> DecoderOptions:
+        return DecoderOptions(self.decoder, self.featinv_decoder, self.featinv_steps, self.featinv_guidance)
 
     def fingerprinted(self) -> dict:
         """{flag: value} of the options that enter the fingerprint besides the settings."""
@@ -318,7 +321,7 @@ def parse_options(parser: argparse.ArgumentParser, argv: list[str], presets: dic
     """RunOptions from the command line: a preset's values replace the defaults, then the flags
     given replace those (argparse exits with 2 and a usage message for malformed flags)."""
     first = parser.parse_args(argv)
-    preset = first.preset or ("hybrid" if first.decoder == "hybrid" else None)
+    preset = first.preset or decoder_kind(first.decoder).default_preset
     if preset:
         parser.set_defaults(**{**PRESETS[preset], **(presets or {}).get(preset, {})})
         first = parser.parse_args(argv)

@@ -41,13 +41,11 @@ class FeatureExtractor(nn.Module):
     - `readout` (a `Readout`): how layer outputs are read (tokens, channels-last maps).
     - `layer`, `spatial`: read the output of submodule `layer` (a path in `layer_root()`)
       instead of `embed`; pooled to [B, C] unless `spatial` (see `ldm.extractors.layers`).
-    - `log_cosine`: the log lines carry the cosine similarity (on for every extractor).
     """
 
     name: str = "extractor"
     preprocessing: Preprocessing = Preprocessing()
     readout: Readout = Readout()
-    log_cosine: bool = True
     layer: str | None = None
     spatial: bool = False
     weights_tag: str | None = None   # the library tag of the weights loaded, when known
@@ -89,6 +87,10 @@ class FeatureExtractor(nn.Module):
                     f"{self.name}: spatial=True needs a layer, whose map is kept: add "
                     "`@<layer>` to the spec, e.g. torchvision:resnet50@layer4")
         else:
+            if type(self).embed is FeatureExtractor.embed:
+                raise ExtractorSpecError(f"{self.name}: its class overrides `encode` rather than "
+                                         "implementing `embed`, so its layers cannot be read: "
+                                         "implement `embed` (the default feature) instead")
             find_layer(self.layer_root(), layer, self.name)
         self.layer, self.spatial = layer, spatial
         return self

@@ -176,7 +176,6 @@ class ClipRN50Extractor(OpenClipExtractor):
 
     name = "clip_rn50"
     preprocessing = Preprocessing(input_size=224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
-    feature_dim = 1024
     model_name = "RN50"
     pretrained_tag = "openai"
 

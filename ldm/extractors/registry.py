@@ -6,18 +6,22 @@
     torchvision:convnext_tiny      any torchvision classification model
     timm:resnet18, timm:vit_small_patch16_224.augreg_in21k   any timm model [and tag]
     open_clip:ViT-B-32             any open_clip model
-    toy:shape, toy:colour, toy:all the toy world's extractors
+    toy:<name>                     the toy world's extractors (ldm/toy/extractors.py)
     torchvision:resnet50@layer3    the output of submodule `layer3` (pooled, or a map if spatial)
 
-Short names from before the registry stay valid: resnet50, vit_h_14, clip_rn50, toy_shape,
-toy_colour, toy_all (with an optional @layer too); an extractor built from one keeps the short
-`name`, any other gets the full spec as its `name`.
+Short names from before the registry stay valid: resnet50, vit_h_14, clip_rn50 and the toy's
+toy_<name> (with an optional @layer too); an extractor built from one keeps the short `name`,
+any other gets the full spec as its `name`. A class of the user's is a name too
+(`register_extractor`, or `module:Class` / `file.py:Class`).
 """
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+import functools
+import importlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,7 +29,6 @@ from ldm.extractors.base import FeatureExtractor
 from ldm.extractors.errors import ExtractorSpecError
 from ldm.extractors.clip import ClipRN50Extractor, OpenClipExtractor
 from ldm.extractors.layers import layer_names
-from ldm.extractors.toy import TOY_EXTRACTORS
 from ldm.extractors.torchvision_models import (ResNet50Extractor, TorchvisionExtractor,
                                                VitH14Extractor, torchvision_file_tag,
                                                torchvision_models, unknown_torchvision_model)
@@ -40,17 +43,49 @@ class Library:
 
     build: Callable        # (spec, weights, weights_tag, device, spatial) → FeatureExtractor
     models: Callable       # () → every model name
-    supports_text: bool = False
+    supports_text: bool | Callable = False   # or model name → bool
 
 
 LIBRARIES: dict[str, Library] = {}
+# Modules above this one that register libraries (imported on first use, as entry points are).
+PLUGINS = ("ldm.toy.extractors",)
 
 
-def register_library(name: str, models: Callable, supports_text: bool = False):
+def register_library(name: str, models: Callable, supports_text: bool | Callable = False):
     """Register the decorated builder as library `name` (timm's @register_model, for libraries)."""
     def decorate(build):
         LIBRARIES[name] = Library(build, models, supports_text)
         return build
+    return decorate
+
+
+def register_alias(short: str, spec: str) -> None:
+    """`short[@layer]` becomes a name of `spec` ("library:model")."""
+    ALIASES[short] = spec
+
+
+@functools.cache
+def load_plugins() -> None:
+    for module in PLUGINS:
+        importlib.import_module(module)
+
+
+def register_extractor(name: str | None = None):
+    """Class decorator: a `FeatureExtractor` subclass (built as `cls(weights, device=...)`)
+    becomes the registry name `name` (default: its `name` attribute), which then works
+    wherever a registry name does (`name@layer`, spatial, the command line, FeatInv training)."""
+    def decorate(cls: type[FeatureExtractor]) -> type[FeatureExtractor]:
+        key = name or cls.name
+        if not key or ":" in key or "@" in key or any(c.isspace() for c in key):
+            raise ExtractorSpecError(f"{cls.__name__}: {key!r} is not a usable extractor name "
+                                     "(no ':', '@' or spaces)")
+        load_plugins()
+        if key in ALIASES and key not in LOCAL_CLASSES:   # a class of the user's may be redefined
+            raise ExtractorSpecError(f"{cls.__name__}: the extractor name {key!r} is taken by "
+                                     f"{ALIASES[key]}; give the class another `name`")
+        LOCAL_CLASSES[key] = cls
+        register_alias(key, f"local:{key}")
+        return cls
     return decorate
 
 
@@ -62,8 +97,8 @@ PAPER: dict[tuple[str, str], tuple[type[FeatureExtractor], str]] = {
     ("open_clip", "RN50"): (ClipRN50Extractor, "openai"),
 }
 ALIASES = {"resnet50": "torchvision:resnet50", "vit_h_14": "torchvision:vit_h_14",
-           "clip_rn50": "open_clip:RN50",
-           **{name: f"toy:{name.removeprefix('toy_')}" for name in TOY_EXTRACTORS}}
+           "clip_rn50": "open_clip:RN50"}
+LOCAL_CLASSES: dict[str, type[FeatureExtractor]] = {}   # register_extractor's
 
 
 @dataclass(frozen=True)
@@ -86,7 +121,8 @@ class ExtractorSpec:
     @property
     def supports_text(self) -> bool:
         """Text targets work (known without building): a text library's default feature."""
-        return LIBRARIES[self.library].supports_text and self.layer is None
+        text = LIBRARIES[self.library].supports_text
+        return (text(self.model) if callable(text) else text) and self.layer is None
 
 
 def _spec_error(spec: str, why: str) -> ExtractorSpecError:
@@ -99,6 +135,7 @@ def _spec_error(spec: str, why: str) -> ExtractorSpecError:
 def parse_spec(spec: str) -> ExtractorSpec:
     """`library:model[@layer]` or `short_name[@layer]` → ExtractorSpec (checks the grammar and
     the library; whether the model and layer exist is checked when building)."""
+    load_plugins()
     if not isinstance(spec, str) or not spec.strip():
         raise _spec_error(str(spec), "empty")
     spec = spec.strip()
@@ -110,7 +147,10 @@ def parse_spec(spec: str) -> ExtractorSpec:
     if head in ALIASES:
         library, _, model = ALIASES[head].partition(":")
         return ExtractorSpec(library, model, layer or None, alias=head)
-    library, colon, model = head.partition(":")
+    library, colon, model = head.rpartition(":") if is_code_path(head) else head.partition(":")
+    if is_code_path(head):
+        key = register_extractor()(import_extractor_class(library, model)).name
+        return ExtractorSpec("local", key, layer or None, alias=key)
     if not colon:
         close = difflib.get_close_matches(head, list(ALIASES), n=3, cutoff=0.6)
         raise _spec_error(spec, f"not a short name (close: {', '.join(close)})" if close
@@ -176,12 +216,14 @@ def _open_clip(spec, weights, weights_tag, device, spatial):
                              tag=weights_tag)
 
 
-@register_library("toy", models=lambda: [name.removeprefix("toy_") for name in TOY_EXTRACTORS])
-def _toy(spec, weights, weights_tag, device, spatial):
-    toy = TOY_EXTRACTORS.get(f"toy_{spec.model}")
-    if toy is None:
-        raise _spec_error(str(spec), "the toy extractors are " + ", ".join(list_extractors("toy")))
-    return toy(weights, device=device, layer=spec.layer, spatial=spatial)
+@register_library("local", models=lambda: list(LOCAL_CLASSES),
+                  supports_text=lambda model: LOCAL_CLASSES[model].supports_text())
+def _local(spec, weights, weights_tag, device, spatial):
+    cls = LOCAL_CLASSES.get(spec.model)
+    if cls is None:
+        raise _spec_error(str(spec), "no class registered under that name (ldm.extractors."
+                          "register_extractor, or name it as module:Class / path.py:Class)")
+    return cls(weights, device=device).set_layer(spec.layer, spatial)
 
 
 def build_extractor(spec: str, *, weights: str | None = None, weights_tag: str | None = None,
@@ -211,6 +253,7 @@ def build_extractor(spec: str, *, weights: str | None = None, weights_tag: str |
 def list_extractors(library: str | None = None) -> list[str]:
     """Without `library`: the short names and the named entries (paper and toy models); with
     one: every model spec of that library (timm: ~1300 architectures, each takes a tag)."""
+    load_plugins()
     if library is None:
         return [*ALIASES, *ALIASES.values()]
     if library not in LIBRARIES:
@@ -226,3 +269,36 @@ def list_layers(spec: str) -> list[str]:
     with torch.device("meta"):
         extractor = build_extractor(str(parsed).partition("@")[0], weights=RANDOM, device="meta")
     return layer_names(extractor.layer_root())
+
+
+def is_code_path(head: str) -> bool:
+    """`module.path:Class` or `file.py:Class`: a class of the user's own code."""
+    where, colon, name = head.rpartition(":")
+    return bool(colon and name.isidentifier() and (where.endswith(".py") or "." in where)
+                and where.lower() not in LIBRARIES)
+
+
+def import_extractor_class(where: str, name: str) -> type[FeatureExtractor]:
+    """The FeatureExtractor class `name` of the module `where` (a dotted module path or a .py
+    file, the user's own code, named on their command line)."""
+    try:
+        if where.endswith(".py"):
+            import importlib.util
+
+            path = Path(where)
+            if not path.is_file():
+                raise ExtractorSpecError(f"extractor {where}:{name}: no such file {where!r}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ImportError as err:
+        raise ExtractorSpecError(f"extractor {where}:{name}: cannot import {where!r} ({err})") from None
+    cls = getattr(module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, FeatureExtractor)):
+        raise ExtractorSpecError(f"extractor {where}:{name}: {where} has no FeatureExtractor "
+                                 f"subclass {name!r}")
+    if cls.name == FeatureExtractor.name:
+        cls.name = name
+    return cls

@@ -100,7 +100,6 @@ class TorchvisionExtractor(FeatureExtractor):
     default_weights: ClassVar = None   # the paper classes' WeightsEnum member
     head: ClassVar[str] = ""           # the paper classes' head; found automatically otherwise
     title: ClassVar[str] = ""
-    feature_dim: ClassVar[int] = 0
 
     def __init__(self, weights: str | None = None, device="cpu", *, arch: str | None = None,
                  layer: str | None = None, spatial: bool = False, tag: str | None = None):
@@ -174,7 +173,6 @@ class ResNet50Extractor(TorchvisionExtractor):
     default_weights = ResNet50_Weights.IMAGENET1K_V1
     head = "fc"
     title = "torchvision resnet50"
-    feature_dim = 2048
 
     @classmethod
     def architecture(cls) -> nn.Module:
@@ -196,7 +194,6 @@ class VitH14Extractor(TorchvisionExtractor):
     default_weights = ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1
     head = "heads.head"
     title = "torchvision vit_h_14"
-    feature_dim = 1280
 
     @classmethod
     def architecture(cls) -> nn.Module:

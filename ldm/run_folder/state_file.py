@@ -127,13 +127,13 @@ def _tensor_problem(name: str, x, dtype: torch.dtype, shape: tuple, finite: bool
 def state_problems(state: SamplerState) -> list[str]:
     """What is wrong with a state read from a file (empty if nothing): its own consistency;
     whether it fits a run's settings is `feature_guidance.check_state`'s question."""
-    counts = {name: getattr(state, name) for name in ("k", "j", "timestep", "iterations", "history_count")}
+    counts = {name: getattr(state, name) for name in SamplerState.counts()}
     problems = [f"{name} is {value!r}, not a count" for name, value in counts.items()
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0]
-    batch = len(state.best)
-    if batch < 1 or len(state.generator_states) != batch or len(state.guard_events) != batch:
-        return problems + [f"its lists disagree on the batch size ({batch} best records, "
-                           f"{len(state.generator_states)} generators, {len(state.guard_events)} counts)"]
+    batch, lengths = state.batch, state.list_lengths()
+    if batch < 1 or set(lengths.values()) != {batch}:
+        return problems + ["its lists disagree on the batch size (" + ", ".join(
+            f"{n} {name}" for name, n in lengths.items()) + ")"]
     checks = [("z", state.z, torch.float32, (batch, None, None, None), True),
               ("history", state.history, torch.float32, (batch, None), True),
               ("best_prev_score", state.best_prev_score, torch.float32, (batch,), False),

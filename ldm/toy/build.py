@@ -45,13 +45,14 @@ from tqdm import tqdm
 
 from ldm.paths import shipped
 from ldm.toy import world
+from ldm.toy.extractors import TOY_EXTRACTORS
 from ldm.toy.nets import SmallCNN, count_params, load_net, save_net
 from ldm.toy.oracle import DEGRADATIONS, Oracle, degrade, score
 from ldm.toy.train import (attribute_sensitivity, batched, evaluate_heads, file_kib, probe_report,
                            set_threads, train_net)
 
 STAGES: dict[str, Callable[["Context"], None]] = {}
-EXTRACTORS = ("extractor_shape", "extractor_colour", "extractor_all")
+EXTRACTORS = tuple(cls.weights_file.removesuffix(".safetensors") for cls in TOY_EXTRACTORS.values())
 
 
 def stage(name: str):

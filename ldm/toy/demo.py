@@ -21,9 +21,10 @@ from ldm.figures import run_mosaic
 from ldm.run_folder import RunFolder, load_run
 from ldm.toy import world
 from ldm.toy.defaults import TOY_CKPT_HINT, TOY_DEFAULTS
+from ldm.toy.extractors import TOY_EXTRACTORS
 from ldm.toy.oracle import Oracle
 
-EXTRACTORS = ("toy_shape", "toy_colour", "toy_all")
+EXTRACTORS = tuple(TOY_EXTRACTORS)
 
 
 def read(oracle: Oracle, path: Path) -> str:

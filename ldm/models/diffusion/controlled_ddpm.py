@@ -97,7 +97,7 @@ def control_state_dict(model: ControlLDM) -> dict[str, torch.Tensor]:
     return {CONTROL_PREFIX + k: v for k, v in model.control_model.state_dict().items()}
 
 
-class _ControlledDenoiser:
+class ControlledDenoiser:
     """A ControlLDM seen through the LatentDiffusion denoiser protocol; subclasses decide how
     `apply_model(z_t, t, cond)` conditions it. Not a module: it holds no weights of its own."""
 
@@ -145,7 +145,7 @@ def _batched(hint: torch.Tensor, batch: int) -> torch.Tensor:
     raise ValueError(f"a hint batch of {hint.shape[0]} for a batch of {batch} latents")
 
 
-class HintedDenoiser(_ControlledDenoiser):
+class HintedDenoiser(ControlledDenoiser):
     """A ControlLDM with a hint batch bound: `apply_model(z_t, t, cond)` is ε(z_t, t, cond, hint),
     for every `cond` (FeatInv: the hint goes to both branches of classifier-free guidance). A
     hint of batch 1 serves every latent."""
@@ -158,7 +158,7 @@ class HintedDenoiser(_ControlledDenoiser):
         return self.model.apply_model(z_t, t, cond, hint=_batched(self.hint, z_t.shape[0]))
 
 
-class HintConditioned(_ControlledDenoiser):
+class HintConditioned(ControlledDenoiser):
     """A ControlLDM whose condition is the hint: `apply_model(z_t, t, hint)` is
     ε(z_t, t, context, hint) with a fixed `context` (None for unconditional models), so that
     classifier-free guidance can run over the hint, a zero hint being the unconditional branch

@@ -139,7 +139,6 @@ class GuidedResult:
     best: list[BestImage]
     iterations: int
     guard_events: list[int]             # per target: steps whose guidance gradient was zero
-    proxy_scores: bool = False          # the best records' scores are of the gradient decoder's images
 
 
 class SamplingStopped(Exception):
@@ -152,7 +151,7 @@ class SamplingStopped(Exception):
         self.state = state
 
 
-class _Scorer:
+class Scorer:
     """Scores decoded images with the objective, reports the records and keeps the best image
     per target (the reference's `check_image`)."""
 
@@ -193,7 +192,7 @@ class _Run:
     settings: GuidanceSettings
     generators: list[torch.Generator]
     checks: DeviceChecks
-    score: _Scorer
+    score: Scorer
     emit: RecordFn
     save: ImageFn
     precision: str
@@ -224,11 +223,7 @@ def _resumed_state(state: SamplerState, run: _Run, timesteps, shape, device) -> 
     check_state(state, run.settings, timesteps, shape)
     for g, g_state in zip(run.generators, state.generator_states):
         g.set_state(g_state.clone())
-    moved = {name: getattr(state, name).to(device).clone()
-             for name in ("z", "history", "best_prev_score", "do_backward")}
-    prev = None if state.best_prev_z is None else state.best_prev_z.to(device).clone()
-    return SamplerState(**{**vars(state), **moved, "best_prev_z": prev, "best": list(state.best),
-                           "guard_events": list(state.guard_events)})
+    return state.on(device)
 
 
 def check_state(state: SamplerState, s: GuidanceSettings, timesteps: list[int], shape) -> None:
@@ -243,9 +238,9 @@ def check_state(state: SamplerState, s: GuidanceSettings, timesteps: list[int], 
     if state.iterations != done:
         raise ValueError(f"resume state says {state.iterations} iterations are done, but its "
                          f"position (timestep {state.timestep}, self-recurrence {state.j}) means {done}")
-    if tuple(state.z.shape) != tuple(shape) or len(state.generator_states) != shape[0]:
+    if tuple(state.z.shape) != tuple(shape) or set(state.list_lengths().values()) != {shape[0]}:
         raise ValueError(f"resume state for latents {tuple(state.z.shape)}, not {tuple(shape)}")
-    if tuple(state.history.shape) != (shape[0], s.sim_queue_size) or state.batch != shape[0]:
+    if tuple(state.history.shape) != (shape[0], s.sim_queue_size):
         raise ValueError("resume state does not fit these settings (moving-average size or batch)")
 
 
@@ -268,8 +263,8 @@ def sample_feature_guided(
     `should_stop`: see the module docstring. `precision`: "fp32" (the reference's numbers),
     "bf16" or "fp16" (ldm/models/diffusion/mixed_precision.py). `gradient_decoder`: a cheap
     decoder of latents to images in [-1, 1] (ldm/models/taesd.py) that carries the guidance
-    gradient instead of the first stage's; the scores of the estimates are then of its images
-    (`GuidedResult.proxy_scores`), while the full decoder renders every image that is kept."""
+    gradient instead of the first stage's; the scores of the estimates are then of its images,
+    while the full decoder renders every image that is kept."""
     device = model.betas.device
     if autocast_dtype(precision) is not None:
         model = MixedPrecision(model, objective, precision, device, gradient_decoder)
@@ -286,13 +281,13 @@ def sample_feature_guided(
     timesteps = settings.schedule(model.num_timesteps)
     st = (_fresh_state(run, shape, device) if state is None
           else _resumed_state(state, run, timesteps, shape, device))
-    run.score = _Scorer(objective, st.best, emit, checks)
+    run.score = Scorer(objective, st.best, emit, checks)
     _loop(run, st, timesteps, progress, on_checkpoint, checkpoint_every, should_stop)
     final_images, final_dist, final_cos = run.score.last
     for b, (d, c) in enumerate(zip(*run.score.last_host)):
         emit(Score(b, -1, None, "final", d, c))
     return GuidedResult(final_images, final_dist.detach(), final_cos.detach(), _rendered(run),
-                        st.iterations, st.guard_events, proxy_scores=gradient_decoder is not None)
+                        st.iterations, st.guard_events)
 
 
 def _rendered(run: _Run) -> list[BestImage]:

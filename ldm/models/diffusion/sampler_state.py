@@ -57,6 +57,10 @@ class BestImage:
                    image, latent)
 
 
+def _count():
+    return field(metadata={"count": True})        # a non-negative int, shared by the batch
+
+
 def _rows():
     return field(metadata={"batch": "rows"})      # a tensor, one row per target
 
@@ -71,11 +75,11 @@ class SamplerState:
     Tensors live on the sampler's device, generator states (uint8, `Generator.get_state`) and
     best images on the CPU. A snapshot is never changed afterwards."""
 
-    k: int
-    j: int
-    timestep: int
-    iterations: int                       # iterations done
-    history_count: int                    # scores pushed into the moving-average ring buffer
+    k: int = _count()
+    j: int = _count()
+    timestep: int = _count()
+    iterations: int = _count()            # iterations done
+    history_count: int = _count()         # scores pushed into the moving-average ring buffer
     z: torch.Tensor = _rows()             # [B, C, h, w] latent entering iteration (k, j)
     history: torch.Tensor = _rows()       # [B, Q] moving-average ring buffer (−distance)
     best_prev_score: torch.Tensor = _rows()   # [B] best z_prev candidate score of this timestep
@@ -93,6 +97,25 @@ class SamplerState:
     def position(self) -> tuple[int, int, int, int]:
         """Where a state stands; states can be batched together only at the same position."""
         return self.k, self.j, self.iterations, self.history_count
+
+    @classmethod
+    def counts(cls) -> list[str]:
+        """The fields that are non-negative counts."""
+        return [f.name for f in fields(cls) if f.metadata.get("count")]
+
+    def list_lengths(self) -> dict[str, int]:
+        """{field: length} of the per-target lists (each should be the batch size)."""
+        return {f.name: len(getattr(self, f.name)) for f in fields(self) if f.metadata.get("batch") == "items"}
+
+    def on(self, device) -> "SamplerState":
+        """A copy whose per-target tensors live on `device` (lists copied; best images and
+        generator states stay on the CPU)."""
+        def moved(f):
+            value, kind = getattr(self, f.name), f.metadata.get("batch")
+            if kind == "rows":
+                return None if value is None else value.to(device).clone()
+            return list(value) if kind == "items" else value
+        return replace(self, **{f.name: moved(f) for f in fields(self)})
 
     def snapshot(self, generators: list[torch.Generator]) -> "SamplerState":
         """A copy that nothing changes later, with the generators' states of now."""

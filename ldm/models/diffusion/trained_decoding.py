@@ -21,10 +21,10 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.controlled_ddpm import ControlLDM, HintConditioned, HintedDenoiser, _ControlledDenoiser
+from ldm.models.diffusion.controlled_ddpm import ControlLDM, HintConditioned, HintedDenoiser, ControlledDenoiser
 from ldm.models.diffusion.ddim import guided_noise, make_ddim_timesteps, sample_ddim
 from ldm.models.diffusion.device_checks import DeviceChecks
-from ldm.models.diffusion.feature_guidance import GuidedResult, _Scorer
+from ldm.models.diffusion.feature_guidance import GuidedResult, Scorer
 from ldm.models.diffusion.sampler_state import BestImage
 from ldm.scorelog import Score
 
@@ -33,7 +33,7 @@ def _batched(x: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     return x if x is None or x.shape[0] == batch else x.expand(batch, *x.shape[1:])
 
 
-class FeatInvDenoiser(_ControlledDenoiser):
+class FeatInvDenoiser(ControlledDenoiser):
     """A ControlLDM with a hint batch and FeatInv's guidance bound: `apply_model(z_t, t, cond)`
     is the guided noise ε̂ whatever `cond` (the guided sampler passes its empty-prompt context).
     `context`/`uncontext`: the prompt's and the empty prompt's contexts (None: an unconditional
@@ -63,7 +63,7 @@ def sample_featinv(denoiser: FeatInvDenoiser, objective, shape: tuple[int, int, 
     D(z_0), their scores and the best x̂0 per target. `iterations` counts the DDIM steps."""
     emit = on_record or (lambda record: None)
     best = [BestImage() for _ in range(shape[0])]
-    scorer = _Scorer(objective, best, emit, DeviceChecks())
+    scorer = Scorer(objective, best, emit, DeviceChecks())
     timesteps = make_ddim_timesteps(denoiser.num_timesteps, steps)
     bar = tqdm(total=len(timesteps), unit="step", desc="FeatInv DDIM", disable=not progress,
                dynamic_ncols=True)

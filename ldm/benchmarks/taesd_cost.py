@@ -2,7 +2,7 @@
 the tiny TAESD-style one: parameters, FLOPs (forward, and forward + backward to the latent, the
 weights frozen as in guidance) and CPU seconds.
 
-    python -m ldm.models.taesd_cost          # SD v1 and toy sizes, one thread; prints JSON
+    python -m ldm.benchmarks.taesd_cost          # SD v1 and toy sizes, one thread; prints JSON
 
 Weights are random (costs do not depend on them). FLOPs are counted on the meta device, so the
 SD decoder at 64x64 latents costs nothing to count.

@@ -9,7 +9,9 @@ from typing import ClassVar
 import torch
 
 from ldm.extractors.base import FeatureExtractor
+from ldm.extractors.errors import ExtractorSpecError
 from ldm.extractors.preprocessing import Preprocessing
+from ldm.extractors.registry import list_extractors, register_alias, register_library
 from ldm.paths import shipped
 from ldm.toy.nets import load_net
 
@@ -23,6 +25,7 @@ class ToyExtractor(FeatureExtractor):
 
     preprocessing = Preprocessing(input_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     weights_file: ClassVar[str] = ""
+    encodes: ClassVar[tuple[str, ...]] = ()   # the attributes its training taught (ldm/toy/nets.py)
 
     def __init__(self, weights: str | None = None, device="cpu", *, layer: str | None = None,
                  spatial: bool = False):
@@ -45,15 +48,32 @@ class ToyExtractor(FeatureExtractor):
 
 class ToyShapeExtractor(ToyExtractor):
     name, weights_file = "toy_shape", "extractor_shape.safetensors"
+    encodes = ("shape",)
 
 
 class ToyColourExtractor(ToyExtractor):
     name, weights_file = "toy_colour", "extractor_colour.safetensors"
+    encodes = ("colour",)
 
 
 class ToyAllExtractor(ToyExtractor):
     name, weights_file = "toy_all", "extractor_all.safetensors"
+    encodes = ("shape", "colour", "size_class")
 
 
+# The toy extractors, by name: the one list every toy command, benchmark and build reads.
 TOY_EXTRACTORS: dict[str, type[ToyExtractor]] = {
     cls.name: cls for cls in (ToyShapeExtractor, ToyColourExtractor, ToyAllExtractor)}
+
+
+@register_library("toy", models=lambda: [name.removeprefix("toy_") for name in TOY_EXTRACTORS])
+def _toy(spec, weights, weights_tag, device, spatial):
+    toy = TOY_EXTRACTORS.get(f"toy_{spec.model}")
+    if toy is None:
+        raise ExtractorSpecError(f"extractor {str(spec)!r}: the toy extractors are "
+                                 + ", ".join(list_extractors("toy")))
+    return toy(weights, device=device, layer=spec.layer, spatial=spatial)
+
+
+for _name in TOY_EXTRACTORS:
+    register_alias(_name, f"toy:{_name.removeprefix('toy_')}")
