@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test gpu-check clean
+.PHONY: setup demo test test-fast gpu-check clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The quick loop while editing: every test not marked `slow` (docs/testing.md), stopping at the first failure.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x -m "not slow" tests
 
 # On a machine with a GPU: correctness on CUDA, then speed at 512 (at most 8 minutes); writes
 # outputs/gpu_check/gpu_check.md and .json, and runs the tests marked `gpu`.

@@ -116,6 +116,28 @@ class FeatureDecoder:
         with torch.no_grad():
             return FeatureDistance(self.extractor, goals, channels=self.channels)(images.to(self.device))
 
+    def final_scores(self, result: GuidedResult, goals: torch.Tensor) -> list[dict]:
+        """Each target's final image as {loss, squared_distance, cosine}: the sampler's numbers,
+        the squared distance measured on the images (all at once) when the loss is another."""
+        squared = (result.final_distance if self.loss == "squared"
+                   else self.measure(result.final_images, goals)[0])
+        return [{"loss": float(d), "squared_distance": float(s), "cosine": float(c)}
+                for d, s, c in zip(result.final_distance, squared, result.final_cosine)]
+
+    def best_scores(self, bests: list, goals: torch.Tensor) -> list[dict | None]:
+        """Each target's best image (`BestImage`s) as {loss, squared_distance, cosine}, or None
+        without one: the sampler's numbers, measured on the images themselves (all at once) when
+        the loss is not the squared distance or a gradient decoder made the scored images."""
+        scores = [None if b.image is None else {"loss": b.distance, "squared_distance": b.distance,
+                                                "cosine": b.cosine} for b in bests]
+        kept = [i for i, b in enumerate(bests) if b.image is not None]
+        if kept and (self.loss != "squared" or self.gradient_decoder is not None):
+            squared, cosine = self.measure(torch.stack([bests[i].image for i in kept]), goals[kept])
+            for i, s, c in zip(kept, squared.tolist(), cosine.tolist()):
+                scores[i] = {"loss": s if self.loss == "squared" else 1 - c, "squared_distance": s,
+                             "cosine": c}
+        return scores
+
     def measure_png(self, path, goal: torch.Tensor) -> dict:
         """What a reader of a saved figure measures: the PNG reloaded, preprocessed as targets."""
         with torch.no_grad():
@@ -234,17 +256,14 @@ def _decode_chunk(decoder: FeatureDecoder, items, goals, hints, height, width, s
     result = decoder.decode_batch(torch.cat(goals), height, width, [seed] * len(items), hints=hints,
                                   progress=progress,
                                   on_record=lambda r: scores[r.image].append(r) if isinstance(r, Score) else None)
+    finals, bests = decoder.final_scores(result, torch.cat(goals)), decoder.best_scores(result.best, torch.cat(goals))
     out = []
     for b, (item, goal) in enumerate(zip(items, goals)):
         best = result.best[b]
-        images = [result.final_images[b]] + ([] if best.image is None else [best.image])
-        distance, cosine = decoder.measure(torch.stack(images), goal)
         metrics = {
-            "final": {"loss": float(result.final_distance[b]),
-                      "squared_distance": float(distance[0]), "cosine": float(cosine[0])},
+            "final": finals[b],
             "best": None if best.image is None else {
-                "t": best.timestep, "recurrence": best.recurrence, "stage": best.stage,
-                "loss": best.distance, "squared_distance": float(distance[1]), "cosine": float(cosine[1])},
+                "t": best.timestep, "recurrence": best.recurrence, "stage": best.stage, **bests[b]},
             "iterations": result.iterations,
         }
         out.append(Decoded(item if isinstance(item, Target) else None, goal.cpu(),

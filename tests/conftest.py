@@ -49,3 +49,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def registry_as_it_was():
+    """Classes a test registers (a script's own extractor class registers itself when its
+    command line runs) are forgotten after it, as they would be at the end of a process."""
+    from ldm.extractors import registry
+
+    registry.load_plugins()
+    aliases, classes = dict(registry.ALIASES), dict(registry.LOCAL_CLASSES)
+    yield
+    registry.ALIASES.clear()
+    registry.ALIASES.update(aliases)
+    registry.LOCAL_CLASSES.clear()
+    registry.LOCAL_CLASSES.update(classes)

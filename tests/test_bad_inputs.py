@@ -358,7 +358,7 @@ def test_edited_resume_states_are_refused_before_the_folder_changes(sd_files, tm
     files_now = lambda: {p.name: p.read_bytes() for p in folder.iterdir()  # noqa: E731
                          if p.is_file() and p.name != names.LOCK}
     before = files_now()
-    monkeypatch.setattr(command, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(command, "load_decoder_models", lambda *a, **k: pytest.fail("a model was loaded"))
     code, _, err = cli(TinyExtractor, [*args_for(sd_files, folder), "--optim_timesteps", "6", "--resume"], capsys)
     assert code == 2 and "cannot resume" in err and message in err, err
     assert files_now() == before   # log.txt too

@@ -217,7 +217,7 @@ def interrupted(sd_files, tmp_path, capsys):
 def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the error")
-    monkeypatch.setattr(cli_run, "load_model", refuse)
+    monkeypatch.setattr(cli_run, "load_decoder_models", refuse)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -135,43 +135,43 @@ class BatchRun:
     # --- metrics ----------------------------------------------------------------------------
     def metrics(self, b: int, finished: bool, iterations: int, guards: int) -> dict:
         ctx, job, o = self.ctx, self.jobs[b], self.ctx.options
-        return {
+        record = {
             "finished": finished,
             "target": {"kind": job.target.kind, "source": job.target.source, "label": job.target.label},
             "extractor": ctx.decoder.extractor.name, "extractor_details": ctx.extractor,
             "feature_shape": list(job.goal.shape[1:]),
-            "objective": {"loss": o.loss, "channels": o.channels, "spatial": o.spatial},
-            "model": {"config": o.config, "ckpt": o.ckpt},
-            "settings": asdict(ctx.settings),
-            "seed": o.seed, "device": str(ctx.device), "precision": o.precision,
-            "speed": {"compile": o.compile, "grad_checkpoint": o.grad_checkpoint, "threads": torch.get_num_threads()},
+            **o.metrics(), "settings": asdict(ctx.settings), "device": str(ctx.device),
             "image_size": [o.H, o.W], "batch_size": len(self.jobs),
             "iterations": iterations, "total_iterations": ctx.total, "wall_time_s": self.elapsed(job),
             "guidance_gradient_guards": guards,
             "decoder": ctx.decoder.decoding.describe(),
             "versions": versions(), "argv": job.book["argv"], "resumes": job.book["resumes"],
         }
+        record["speed"]["threads"] = torch.get_num_threads()
+        return record
 
-    def best_entry(self, job: Job, best: BestImage, path: Path | None) -> dict | None:
-        """The best image's record; its numbers measured again on the image itself when the
-        loss is not the squared distance, or when the scores were the tiny decoder's."""
-        if path is None:
-            return None
-        loss, squared, cosine = best.distance, best.distance, best.cosine
-        if self.ctx.options.loss != "squared" or self.ctx.decoder.gradient_decoder is not None:
-            measured = self.ctx.decoder.measure(best.image[None], job.goal)
-            squared, cosine = float(measured[0][0]), float(measured[1][0])
-            loss = squared if self.ctx.options.loss == "squared" else 1 - cosine
-        where = best.to_json()
-        return image_entry(path.name, loss, squared, cosine, self.ctx.decoder.measure_png(path, job.goal),
-                           t=where["t"], rec=where["rec"], bk=where["bk"])
+    def best_entries(self, bests: list[BestImage]) -> list[dict | None]:
+        """Each target's best image saved and its record (scores: `FeatureDecoder.best_scores`)."""
+        goals = torch.cat([job.goal for job in self.jobs])
+        entries = []
+        for job, best, scores in zip(self.jobs, bests, self.ctx.decoder.best_scores(bests, goals)):
+            path = job.folder.save_best(best)
+            if path is None:
+                entries.append(None)
+                continue
+            where = best.to_json()
+            entries.append(image_entry(path.name, scores["loss"], scores["squared_distance"], scores["cosine"],
+                                       self.ctx.decoder.measure_png(path, job.goal),
+                                       t=where["t"], rec=where["rec"], bk=where["bk"]))
+        return entries
 
     # --- outcomes ---------------------------------------------------------------------------
     def stopped(self, state: SamplerState, stopped: dict, line: str) -> list[dict]:
         """State, best image so far, a log line and metrics.json (finished: false), per target."""
         self.write_state(state, stopped["reason"])
+        bests = self.best_entries(state.best)
         out = []
-        for b, (job, part) in enumerate(zip(self.jobs, state.split())):
+        for b, job in enumerate(self.jobs):
             job.folder.log(line)
             job.folder.sync_log()
             metrics = self.metrics(b, False, state.iterations, state.guard_events[b])
@@ -179,7 +179,7 @@ class BatchRun:
                 "stopped": {**stopped, "timestep": state.timestep, "self_recurrence": state.j,
                             "iterations_done": state.iterations},
                 "resume_state": names.STATE, "resume_command": self.ctx.resume_command,
-                "best": self.best_entry(job, part.best[0], job.folder.save_best(part.best[0]))})
+                "best": bests[b]})
             job.folder.write_metrics(metrics)
             out.append(metrics)
         return out
@@ -190,30 +190,27 @@ class BatchRun:
             job.folder.log(f"Elapsed time = {self.elapsed(job)} sec")
             job.folder.log(f"Run options: {job.book['options']}")
             job.folder.close_log()
-        goals = torch.cat([job.goal for job in self.jobs])
-        squared = (result.final_distance if ctx.options.loss == "squared"
-                   else ctx.decoder.measure(result.final_images, goals)[0])
+        finals = ctx.decoder.final_scores(result, torch.cat([job.goal for job in self.jobs]))
+        bests = self.best_entries(result.best)
         for b, job in enumerate(self.jobs):
             final = job.folder.save_png(names.FINAL, result.final_images[b])
-            best_path = job.folder.save_best(result.best[b])
             metrics = self.metrics(b, True, result.iterations, result.guard_events[b])
-            metrics["final"] = image_entry(final.name, float(result.final_distance[b]), float(squared[b]),
-                                           float(result.final_cosine[b]), ctx.decoder.measure_png(final, job.goal))
-            metrics["best"] = self.best_entry(job, result.best[b], best_path)
+            f = finals[b]
+            metrics["final"] = image_entry(final.name, f["loss"], f["squared_distance"], f["cosine"],
+                                           ctx.decoder.measure_png(final, job.goal))
+            metrics["best"] = bests[b]
             job.folder.write_metrics(metrics)
             job.folder.finish()
-            self.report(job, metrics, final, best_path)
+            self.report(job, metrics)
             out.append(metrics)
         return out
 
-    def report(self, job: Job, metrics: dict, final: Path, best: Path | None) -> None:
+    def report(self, job: Job, metrics: dict) -> None:
         label = "" if len(self.jobs) == 1 else f"{job.target.label}: "
-        p = self.ctx.prefix
-        print(f"{p}{label}final: squared distance {metrics['final']['squared_distance']:.6g}, "
-              f"cosine {metrics['final']['cosine']:.4f} -> {final}")
-        if best is not None:
-            print(f"{p}{label}best:  squared distance {metrics['best']['squared_distance']:.6g}, "
-                  f"cosine {metrics['best']['cosine']:.4f} -> {best}")
+        for name, pad in (("final", ""), ("best", " ")):
+            if metrics[name] is not None:
+                print(f"{self.ctx.prefix}{label}{name}:{pad} squared distance {metrics[name]['squared_distance']:.6g}, "
+                      f"cosine {metrics[name]['cosine']:.4f} -> {job.folder.path / metrics[name]['file']}")
 
     # --- the batch ----------------------------------------------------------------------------
     def announce(self, state: SamplerState | None) -> None:

@@ -295,18 +295,11 @@ def _fingerprint(plan: Plan, job: Job) -> dict:
         name = flag(SETTING_FLAGS[f.name]) if f.name in SETTING_FLAGS else "the intermediate-image interval"
         entries[name] = fp.entry(listed, " ".join(map(str, listed)) if isinstance(listed, list) else None,
                                  default=value == getattr(defaults, f.name))
-    entries.update({name: fp.entry(value, default=value is None)
-                    for name, value in options.fingerprinted().items()})
+    entries.update(options.fingerprinted())
     entries["--device"] = fp.entry(plan.device.type)
     files = [s for kind, s in job.target.leaves() if kind in ("image", "features")]
     entries["the target (--prompt)"] = fp.target_entry(job.target.kind, job.target.source, files)
     entries["the target model"] = fp.entry(plan.source.name)
-    entries["--extractor_weights"] = fp.weights_entry(options.extractor_weights)
-    entries["--weights_tag"] = fp.entry(options.weights_tag, default=options.weights_tag is None)
-    entries["--config"] = fp.config_entry(options.config)
-    entries["--ckpt"] = fp.checkpoint_entry(options.ckpt)
-    if options.gradient_decoder:   # absent before the fast path existed: no entry by default
-        entries["--gradient_decoder"] = fp.checkpoint_entry(options.gradient_decoder)
     for name, value in plan.decoding.fingerprinted().items():   # likewise for the trained decoders
         entries[flag(name)] = fp.checkpoint_entry(str(value)) if isinstance(value, Path) else fp.entry(value)
     return entries

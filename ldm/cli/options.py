@@ -52,11 +52,20 @@ DROPPED_REFERENCE_FLAGS = (
 )
 
 
+# How a flag enters the resume fingerprint (ldm/run_folder/fingerprint.py): its value, or the
+# identity of what it names; "file if set" flags are absent while unset (they came later).
+FINGERPRINTS = {"value": "value_entry", "weights": "weights_entry", "config": "config_entry",
+                "file": "checkpoint_entry", "file if set": "checkpoint_entry"}
+
+
 def option(help: str, default=None, *, group: str = "general", setting: str | None = None,
-           fingerprint: bool = False, shown: str | None = None, **argparse_kwargs):
-    """A field of the table: `shown` is how --help shows a default that needs words."""
+           fingerprint: str | None = None, metric: str | None = None, shown: str | None = None,
+           **argparse_kwargs):
+    """A field of the table: `fingerprint` one of FINGERPRINTS (or None: not in it); `metric`
+    where metrics.json records it ("section.key" or "key"); `shown` is how --help shows a
+    default that needs words."""
     meta = {"help": help, "group": group, "setting": setting, "fingerprint": fingerprint,
-            "shown": shown, "argparse": argparse_kwargs}
+            "metric": metric, "shown": shown, "argparse": argparse_kwargs}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -77,22 +86,23 @@ class RunOptions:
     prompt_file: str | None = option("a text file with one more target per line (# comments)")
     batch_size: int = option("targets decoded together (a target's result does not depend on "
                              "its batch mates)", 4, type=int)
-    H: int = option("image height in pixels", 512, type=int, fingerprint=True)
-    W: int = option("image width in pixels", 512, type=int, fingerprint=True)
-    config: str = option("latent diffusion model config (YAML)", DEFAULT_CONFIG)
-    ckpt: str = option("latent diffusion checkpoint (.ckpt or .safetensors)", DEFAULT_CKPT)
+    H: int = option("image height in pixels", 512, type=int, fingerprint="value")
+    W: int = option("image width in pixels", 512, type=int, fingerprint="value")
+    config: str = option("latent diffusion model config (YAML)", DEFAULT_CONFIG, fingerprint="config", metric="model.config")
+    ckpt: str = option("latent diffusion checkpoint (.ckpt or .safetensors)", DEFAULT_CKPT, fingerprint="file", metric="model.ckpt")
     seed: int = option("random seed (the same seed on the same device and thread count gives "
-                       "the same images)", 42, type=int, fingerprint=True)
+                       "the same images)", 42, type=int, fingerprint="value", metric="seed")
     device: str | None = option("torch device: cpu, cuda, cuda:N or mps", shown="cuda when available, else cpu")
     threads: int | None = option("CPU threads of torch (on a loaded machine 1 is often much faster "
                                  "than the default)", type=int, shown="torch's default")
     extractor_weights: str | None = option(
         "weights of the target model: a pretrained tag of its library (IMAGENET1K_V2, a1_in1k, "
-        "laion2b_s34b_b79k), a local file, or \"random\" (timing only)",
+        "laion2b_s34b_b79k), a local file, or \"random\" (timing only)", fingerprint="weights",
         shown="the paper's weights, or the library's default, from its download cache")
     weights_tag: str | None = option(
         "the pretrained tag a local --extractor_weights file holds (e.g. IMAGENET1K_V1), so that "
         "it gets that tag's preprocessing; torchvision's own file names are recognised without it",
+        fingerprint="value",
         shown="the tag of the file's name, or the library's default")
     overwrite: bool = option("start again in a folder that holds a finished or interrupted run (its "
                              "outputs are replaced once the new run has loaded)", False, action="store_true")
@@ -110,7 +120,7 @@ class RunOptions:
         "guided: the paper's guided sampler; featinv: a trained FeatInv decoder sampled by DDIM, no "
         "extractor gradient (needs --featinv_decoder); hybrid: the guided sampler with the trained "
         "decoder as its denoiser (without --preset: the hybrid preset's schedule; docs/trained-decoder.md)",
-        "guided", choices=tuple(DECODER_KINDS), group="decoder")
+        "guided", choices=DECODER_KINDS, group="decoder")   # the live registry
     featinv_decoder: str | None = option(
         "the trained decoder of --decoder featinv/hybrid (.safetensors of scripts/train_featinv.py); "
         "it steers the model of --config/--ckpt", group="decoder",
@@ -126,19 +136,19 @@ class RunOptions:
                                group="feature and loss")
     spatial: bool = option("keep the layer's spatial map (C x H x W, compared position by position) "
                            "instead of pooling it to a vector", False, action="store_true",
-                           group="feature and loss", fingerprint=True)
+                           group="feature and loss", fingerprint="value", metric="objective.spatial")
     channels: str | None = option("compare only these channels (dimension 1 of the feature): e.g. "
-                                  "0:64,100", group="feature and loss", fingerprint=True, shown="all")
+                                  "0:64,100", group="feature and loss", fingerprint="value", shown="all", metric="objective.channels")
     loss: str = option("squared Euclidean distance (the reference) or 1 - cosine similarity",
-                       "squared", choices=LOSSES, group="feature and loss", fingerprint=True)
+                       "squared", choices=LOSSES, group="feature and loss", fingerprint="value", metric="objective.loss")
     # --- speed -----------------------------------------------------------------------------
     precision: str = option("autocast precision of the UNet, decoder and target model (fp32 "
                             "reproduces the reference; bf16 is the fast choice on recent GPUs)",
-                            "fp32", choices=tuple(PRECISIONS), group="speed", fingerprint=True)
+                            "fp32", choices=tuple(PRECISIONS), group="speed", fingerprint="value", metric="precision")
     compile: bool = option("torch.compile the networks (pays off on long GPU runs)", False,
-                           action="store_true", group="speed")
+                           action="store_true", group="speed", metric="speed.compile")
     grad_checkpoint: bool = option("recompute activations in the backward pass: less memory, about "
-                                   "30%% slower", False, action="store_true", group="speed")
+                                   "30%% slower", False, action="store_true", group="speed", metric="speed.grad_checkpoint")
     # --- the fast path (docs/fast-path.md; off by default: the reference's numbers) -------------
     skip_guided_decode: bool = option(
         "do not decode the guided estimate at every iteration only to score it: the scores and the "
@@ -153,7 +163,7 @@ class RunOptions:
         "a tiny decoder (TAESD layout, .safetensors or .pth) that carries the guidance gradient instead "
         "of the full first-stage decoder; the full decoder still renders every image that is kept "
         "('none': the full decoder, e.g. to run --preset fast without the file)",
-        group="fast path", shown="the first stage's decoder")
+        group="fast path", shown="the first stage's decoder", fingerprint="file if set")
     # --- guidance (the reference's --optim_* flags) ------------------------------------------
     optim_forward_guidance: bool = option("turn on forward guidance (without it the samples are "
                                           "unguided)", False, action="store_true", group="guidance",
@@ -236,12 +246,28 @@ class RunOptions:
                                "(cuda:N for a GPU by number)")
         self.settings()
 
+    def metrics(self) -> dict:
+        """metrics.json's record of the options (each field's `metric` place, in table order)."""
+        record: dict = {}
+        for f in fields(self):
+            if f.metadata["metric"]:
+                section, _, key = f.metadata["metric"].rpartition(".")
+                (record.setdefault(section, {}) if section else record)[key] = getattr(self, f.name)
+        return record
+
     def decoder_options(self) -> DecoderOptions:
         return DecoderOptions(self.decoder, self.featinv_decoder, self.featinv_steps, self.featinv_guidance)
 
     def fingerprinted(self) -> dict:
-        """{flag: value} of the options that enter the fingerprint besides the settings."""
-        return {flag(f.name): getattr(self, f.name) for f in fields(self) if f.metadata["fingerprint"]}
+        """{flag: fingerprint entry} of the flags that enter the fingerprint besides the settings."""
+        from ldm.run_folder import fingerprint as fp
+
+        entries = {}
+        for f in fields(self):
+            kind, value = f.metadata["fingerprint"], getattr(self, f.name)
+            if kind and not (kind == "file if set" and value is None):
+                entries[flag(f.name)] = getattr(fp, FINGERPRINTS[kind])(value)
+        return entries
 
     def namespace(self) -> argparse.Namespace:
         """The options as the reference printed them ("Run options: Namespace(...)")."""

@@ -37,6 +37,11 @@ def entry(value, shown: str | None = None, default: bool = False) -> dict:
     return {**record, "default": True} if default else record
 
 
+def value_entry(value) -> dict:
+    """A flag's value, a default while unset."""
+    return entry(value, default=value is None)
+
+
 def target_entry(kind: str, source: str, files: list[str]) -> dict:
     """An image or feature file by its bytes (the file may move); text or an expression by its
     text and the bytes of the files it reads."""
