@@ -205,3 +205,20 @@ def test_command_line_refuses_another_kind_before_building(folder, tmp_path, cap
     code, _, err = run_cli(TinyExtractor, folder_args(wrong, tmp_path / "out"), capsys)
     assert code == 2 and err.startswith("error: ") and "holds Stable Diffusion 2" in err, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_featinv_decoder_on_a_folder_base(folder, ours, tmp_path):
+    """train_featinv.py --base FOLDER --ckpt FOLDER: the decoder built on the folder's model
+    (its ControlNet copied from the folder's UNet), saved, and loaded again with --ckpt FOLDER
+    (the default --config, as the command line passes it, is not read)."""
+    from ldm.featinv.decoder import DecoderRecord, load_decoder, new_decoder, save_decoder
+    record = DecoderRecord("toy:all", "body.17", True, (8, 4, 4), str(folder), 24, "a prompt")
+    model = new_decoder(record, folder)
+    base = ours.state_dict()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())
+    unet = {k.removeprefix("model.diffusion_model."): v for k, v in base.items()
+            if k.startswith("model.diffusion_model.input_blocks.")}
+    assert all(torch.equal(model.control_model.state_dict()[k], v) for k, v in unet.items())
+    save_decoder(model, record, tmp_path / "decoder.safetensors")
+    loaded, _ = load_decoder(tmp_path / "decoder.safetensors", folder, base_config=DEFAULT_CONFIG)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
