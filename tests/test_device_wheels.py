@@ -1,24 +1,16 @@
 """The GPU machine's own Python gets the packages it lacks as wheels prepared here
-(scripts/prepare_device_wheels.py) at this project's pins; its runner passes flags that
+(ldm/benchmarks/device_wheels.py) at this project's pins; its runner passes flags that
 gpu_check.py takes."""
-import importlib.util
 import re
 import shlex
 
 from tiny_models import REPO
 
-
-def prepare_script():
-    spec = importlib.util.spec_from_file_location("prepare_device_wheels",
-                                                  REPO / "scripts" / "prepare_device_wheels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from ldm.benchmarks import device_wheels
 
 def test_wheels_are_the_pins_of_setup_py():
     from importlib.metadata import version
-    wanted = prepare_script().requirements()
+    wanted = device_wheels.requirements()
     assert wanted[:2] == [f"omegaconf=={version('omegaconf')}", f"open_clip_torch=={version('open_clip_torch')}"]
     assert {r.split("==")[0] for r in wanted} == {"omegaconf", "open_clip_torch", "ftfy", "wcwidth"}
 

@@ -49,7 +49,6 @@ from ldm.models.loading import load_model
 from ldm.toy import world
 from ldm.toy.defaults import TOY_CKPT, TOY_CKPT_HINT, TOY_CONFIG, TOY_DEFAULTS
 from ldm.toy.oracle import Oracle
-from ldm.toy.train import set_threads
 
 HELD_OUT_SEED = 2026            # not a seed of any training set (ldm/toy, configs/toy)
 ATTRIBUTES = ("shape", "colour", "size_class")
@@ -371,8 +370,6 @@ def main(argv=None) -> int:
     parser.add_argument("--timesteps", type=int, default=TOY_DEFAULTS["optim_timesteps"],
                         help="respaced schedule length")
     parser.add_argument("--seed", type=int, default=0, help="first sampling seed (target b uses seed + b)")
-    parser.add_argument("--threads", type=int, default=TOY_DEFAULTS["threads"],
-                        help="torch threads (default 1: the toy's models gain nothing from more)")
     parser.add_argument("--out", default="outputs/toy_benchmark")
     parser.add_argument("--quick", action="store_true", help="12 targets, 50 timesteps (a few minutes); "
                         "with --compare: guided, fast preset, featinv spatial and hybrid on 6 toy_all targets, 1 seed")
@@ -395,7 +392,6 @@ def main(argv=None) -> int:
     parser.add_argument("--compare_extractors", nargs="+", choices=list(TOY_EXTRACTORS),
                         help="extractors of --compare (default: all)")
     args = parser.parse_args(argv)
-    set_threads(args.threads)
     if sum((args.quick and not args.compare, args.sweep, args.compare)) > 1:
         parser.error("--sweep and --compare do not combine with each other or with --quick")
     if args.quick and args.compare:    # CI: the decoders of QUICK_DECODERS on 6 toy_all targets, 1 seed
