@@ -162,11 +162,9 @@ def _vae_params(vae: dict, folder: Path) -> dict:
 
 
 def _check_schedule(scheduler: dict, folder: Path) -> None:
-    wrong = {k: scheduler.get(k, "epsilon" if k == "prediction_type" else None)
-             for k in SD_V1_SCHEDULE}
-    wrong = {k: v for k, v in wrong.items()
-             if v != SD_V1_SCHEDULE[k] and not (isinstance(v, float) and abs(v - SD_V1_SCHEDULE[k]) < 1e-9)}
-    _require(not wrong and scheduler.get("trained_betas") is None, folder,
+    found = {"prediction_type": "epsilon", **scheduler}   # diffusers' default prediction
+    wrong = {k: found.get(k) for k, v in SD_V1_SCHEDULE.items() if found.get(k) != v}
+    _require(not wrong and found.get("trained_betas") is None, folder,
              f"scheduler/scheduler_config.json has {wrong or 'trained_betas'} (SD v1: {SD_V1_SCHEDULE})")
 
 
