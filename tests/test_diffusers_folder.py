@@ -106,22 +106,32 @@ def test_folder_config_is_the_tiny_config(folder, tiny_config_path):
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in yaml.items()}
 
 
-def as_transformers_4_bin(folder, tmp_path):
-    """A copy of `folder` whose text encoder is a pickled pytorch_model.bin with transformers
-    4.x keys (`text_model.*`), as older snapshots hold it."""
+OLD_ATTENTION_NAMES = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+
+
+def as_older_snapshot(folder, tmp_path):
+    """A copy of `folder` as older snapshots (v1-4's) hold it: the text encoder a pickled
+    pytorch_model.bin with transformers 4.x keys (`text_model.*`), the VAE's attention under
+    diffusers' old names (query, key, value, proj_attn)."""
     copy = tmp_path / "pipeline"
     shutil.copytree(folder, copy)
     weights = copy / "text_encoder" / "model.safetensors"
-    state = {f"text_model.{k}": v for k, v in load_file(str(weights)).items()}
-    torch.save(state, copy / "text_encoder" / "pytorch_model.bin")
+    torch.save({f"text_model.{k}": v for k, v in load_file(str(weights)).items()},
+               copy / "text_encoder" / "pytorch_model.bin")
     weights.unlink()
+    vae = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(vae))
+    for new, old in OLD_ATTENTION_NAMES.items():
+        state = {k.replace(new, old) if ".mid_block.attentions." in k else k: v for k, v in state.items()}
+    assert any(".query." in k for k in state)
+    save_file(state, str(vae))
     return copy
 
 
 def test_hugging_face_cache_snapshot(folder, reference, tmp_path):
     """models--CompVis--stable-diffusion-v1-4/: files in blobs/, the snapshot's entries link to
     them; both the cache folder (refs/main) and the snapshot folder load."""
-    folder = as_transformers_4_bin(folder, tmp_path)
+    folder = as_older_snapshot(folder, tmp_path)
     repo = tmp_path / "hub" / "models--CompVis--stable-diffusion-v1-4"
     snapshot = repo / "snapshots" / "133a221b8aa7292a167afc5127cb63fb5005638b"
     for i, file in enumerate(sorted(p for p in folder.rglob("*") if p.is_file())):
