@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast gpu-check clean
+.PHONY: setup demo test test-fast gpu-check device-wheels clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test-fast: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py --out outputs/gpu_check
 	$(PY) -m pytest -q -m gpu tests
+
+# Here, for a GPU machine without network whose own python3 has torch but not omegaconf and
+# open_clip: their wheels into .device_wheels/; there, `sh scripts/gpu_check_system_python.sh`.
+device-wheels:
+	$(PYTHON) scripts/prepare_device_wheels.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

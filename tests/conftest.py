@@ -1,4 +1,6 @@
-"""Shared fixtures: absolute paths of the shipped model configs (tests may run from any cwd)."""
+"""Shared fixtures: absolute paths of the shipped model configs (tests may run from any cwd);
+Ctrl-C that stops the test run even while a test runs the command line in this process."""
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,46 @@ def sd_v1_config_path() -> Path:
 def tiny_config_path() -> Path:
     """Same classes and key layout as SD v1, small widths (fast on CPU)."""
     return REPO_ROOT / "configs" / "tiny" / "sd-v1-tiny.yaml"
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@pytest.fixture(autouse=True)
+def signals_reach_pytest(request, monkeypatch):
+    """A test that runs the command line in this process hands SIGINT/SIGTERM to the command
+    line (its handlers save and stop the run, its KeyboardInterrupt becomes exit code 130), so
+    pytest would never see the Ctrl-C. Here every handler of those signals during the test, the
+    ones of Python installed before it and those installed by it, notes each delivery; after the test the handlers of
+    before are back and a noted signal is delivered again to them (SIGINT: KeyboardInterrupt,
+    pytest stops with exit code 2). Tests that signal themselves on purpose are marked
+    `signals_itself`."""
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    received = []
+    install = signal.signal
+
+    def noted(handler):
+        def note(signum, frame):
+            received.append(signum)
+            if callable(handler):
+                return handler(signum, frame)
+        note.notes = True
+        return note
+
+    def noting(signum, handler):
+        if signum in STOP_SIGNALS and callable(handler) and not getattr(handler, "notes", False):
+            handler = noted(handler)
+        return install(signum, handler)
+
+    for signum, handler in before.items():
+        if callable(handler):   # SIG_DFL (SIGTERM's) stays: it ends pytest at once
+            install(signum, noted(handler))
+    monkeypatch.setattr(signal, "signal", noting)
+    yield
+    for signum, handler in before.items():
+        install(signum, handler)
+    if received and not request.node.get_closest_marker("signals_itself"):
+        signal.raise_signal(received[0])
 
 
 @pytest.fixture

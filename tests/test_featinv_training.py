@@ -163,7 +163,7 @@ BAD_FLAGS = [   # changes to good flags (None: add the bare flag) → the error'
     ({"--extractor": "toy:all"}, "spatial=True needs a layer"),
     ({"--data": "/no/such/folder"}, "no such folder"),
     ({"--val_images": "5"}, "6 images, fewer than --val_images 5 + --batch_size 2"),
-    ({"--ckpt": "/no/such.ckpt"}, "must be files"),
+    ({"--ckpt": "/no/such.ckpt"}, "must exist"),
     ({"--batch_size": "0"}, "--batch_size must be at least 1"),
     ({"--resume": None}, "does not exist"),
 ]

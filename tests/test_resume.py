@@ -202,8 +202,9 @@ def cli(extractor, args, capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def interrupted(sd_files, tmp_path, capsys):
+def interrupted(sd_files, tmp_path, capsys, request):
     """A folder holding a run stopped by SIGINT (in this process) after a few iterations."""
+    request.applymarker(pytest.mark.signals_itself)
     folder = tmp_path / "out"
     InterruptingExtractor.calls = 0
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)

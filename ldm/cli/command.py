@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ldm.api import FeatureDecoder, load_decoder_models, unguided_warning
-from ldm.checkpoint import CheckpointError, CheckpointNotFoundError
+from ldm.checkpoint import CheckpointNotFoundError
 from ldm.decoders import DecoderKind, make_decoding
 from ldm.cli.batch import BatchRun, Job, RunContext, RunStopped
 from ldm.cli.options import SETTING_FLAGS, TAESD_SD_DECODER, RunOptions, flag
@@ -25,7 +25,7 @@ from ldm.extractors import (ExtractorSpecError, FeatureExtractor, build_extracto
                             register_extractor)
 from ldm.extractors.weights import weights_kind
 from ldm.models.diffusion.feature_guidance import GuidanceSettings, check_state
-from ldm.models.loading import image_multiple, load_config
+from ldm.models.loading import config_source, image_multiple, load_config
 from ldm.performance import prepare
 from ldm.run_folder import RunFolder, RunStateError, fingerprint as fp, names, peek_run
 from ldm.run_folder.metrics import write_index
@@ -120,7 +120,7 @@ def _missing_gradient_decoder(options: RunOptions) -> str:
 def check_model_files(options: RunOptions, settings: GuidanceSettings, ckpt_hint: str) -> tuple:
     """The config read (as data) and checked against the flags, the weight files present;
     → (the latent shape of one image (channels, h, w), the visited timesteps)."""
-    config = load_config(options.config)
+    config = load_config(config_source(options.config, options.ckpt))
     first_stage, whole = image_multiple(config)
     for name in ("H", "W"):
         value = getattr(options, name)
@@ -133,9 +133,7 @@ def check_model_files(options: RunOptions, settings: GuidanceSettings, ckpt_hint
         settings.check_for(num_timesteps)
     except SettingError as err:
         raise SettingError(flag(SETTING_FLAGS[err.parameter]), err.problem) from None
-    if not Path(options.ckpt).is_file():
-        if Path(options.ckpt).exists():
-            raise CheckpointError(f"--ckpt {options.ckpt!r} is not a file")
+    if not Path(options.ckpt).exists():
         raise CheckpointNotFoundError(ckpt_hint.format(path=options.ckpt))
     weights = options.extractor_weights
     if weights_kind(weights) == "file" and not Path(weights).is_file():

@@ -88,8 +88,11 @@ class RunOptions:
                              "its batch mates)", 4, type=int)
     H: int = option("image height in pixels", 512, type=int, fingerprint="value")
     W: int = option("image width in pixels", 512, type=int, fingerprint="value")
-    config: str = option("latent diffusion model config (YAML)", DEFAULT_CONFIG, fingerprint="config", metric="model.config")
-    ckpt: str = option("latent diffusion checkpoint (.ckpt or .safetensors)", DEFAULT_CKPT, fingerprint="file", metric="model.ckpt")
+    config: str = option("latent diffusion model config (YAML)", DEFAULT_CONFIG, fingerprint="config",
+                         metric="model.config")
+    ckpt: str = option("latent diffusion checkpoint (.ckpt or .safetensors), or a diffusers folder of SD v1 "
+                       "(then no --config; docs/installation.md)", DEFAULT_CKPT, fingerprint="file",
+                       metric="model.ckpt")
     seed: int = option("random seed (the same seed on the same device and thread count gives "
                        "the same images)", 42, type=int, fingerprint="value", metric="seed")
     device: str | None = option("torch device: cpu, cuda, cuda:N or mps", shown="cuda when available, else cpu")
@@ -310,7 +313,8 @@ class _Parser(argparse.ArgumentParser):
 def _help(f, default) -> str:
     if f.metadata["argparse"].get("action") == "store_true":
         return f.metadata["help"]
-    shown = f.metadata["shown"] if default is None or f.metadata["shown"] else default
+    words = f.metadata["shown"] and default == f.default   # a script's own default shows as is
+    shown = f.metadata["shown"] if default is None or words else default
     shown = " ".join(map(str, shown)) if isinstance(shown, list) else shown
     return f"{f.metadata['help']} (default: {shown if shown is not None else 'none'})"
 

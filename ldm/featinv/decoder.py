@@ -19,7 +19,7 @@ from ldm.extractors import build_extractor
 from ldm.extractors.base import FeatureExtractor
 from ldm.models.diffusion.controlled_ddpm import (FEATINV_IGNORABLE_KEYS, ControlLDM,
                                                   control_ldm_config, control_state_dict)
-from ldm.models.loading import load_config
+from ldm.models.loading import config_source, load_config, read_weights, with_schedule
 from ldm.paths import shipped
 from ldm.util import instantiate_from_config
 
@@ -79,7 +79,7 @@ def new_decoder(record: DecoderRecord, base_ckpt: str | Path) -> ControlLDM:
     """A decoder to train: the base model's weights loaded (strictly), the ControlNet copied
     from its UNet, the hint block random and the zero convolutions at zero."""
     model = build_decoder_model(record)
-    base = load_state_dict(base_ckpt)
+    base = with_schedule(model, read_weights(base_ckpt))
     load_into(model, {**base, **control_state_dict(model)}, ignorable=SD_V1_IGNORABLE_KEYS,
               expected=f"the base model of {record.base_config}")
     model.init_control_from_unet()
@@ -109,10 +109,11 @@ def read_record(path: str | Path) -> DecoderRecord:
 def load_decoder(path: str | Path, base_ckpt: str | Path, base_config: str | None = None,
                  device="cpu") -> tuple[ControlLDM, DecoderRecord]:
     """A trained decoder, ready to sample: its base model from `base_ckpt` and its ControlNet
-    from `path`, both loaded strictly. `base_config` overrides the record's (e.g. a moved file)."""
+    from `path`, both loaded strictly. `base_config` overrides the record's (e.g. a moved file);
+    a diffusers folder as `base_ckpt` brings its own config."""
     record = read_record(path)
-    model = build_decoder_model(record, base_config)
-    state = {**load_state_dict(base_ckpt), **load_state_dict(path)}
+    model = build_decoder_model(record, config_source(base_config, base_ckpt))
+    state = {**with_schedule(model, read_weights(base_ckpt)), **load_state_dict(path)}
     load_into(model, state, ignorable=SD_V1_IGNORABLE_KEYS, expected=f"the decoder {path}")
     return model.to(device), record
 

@@ -109,8 +109,10 @@ def parse_args(argv=None) -> TrainOptions:
                       help="decode the pooled vector, copied to every position (default)")
     p.add_argument("--extractor_weights", default=None, help="build_extractor's weights")
     p.add_argument("--data", required=True, help=f"an image folder, or '{TOY_DATA}'")
-    p.add_argument("--base", required=True, help="the frozen base LDM's config")
-    p.add_argument("--ckpt", required=True, help="the base LDM's weights")
+    p.add_argument("--base", required=True, help="the frozen base LDM's config (YAML), "
+                   "or its diffusers folder (then also its --ckpt)")
+    p.add_argument("--ckpt", required=True, help="the base LDM's weights (.ckpt, "
+                   ".safetensors or a diffusers folder)")
     p.add_argument("--out", required=True, help="the run's folder (DIR)")
     for name, text in INT_FLAGS.items():
         p.add_argument(f"--{name}", type=int, default=getattr(d, name),
@@ -146,8 +148,8 @@ def check_options(opts: TrainOptions) -> None:
         if found < opts.val_images + opts.batch_size:
             raise UsageError(f"--data {opts.data}: {found} images, fewer than --val_images "
                              f"{opts.val_images} + --batch_size {opts.batch_size}")
-    if not Path(opts.base).is_file() or not Path(opts.ckpt).is_file():
-        raise UsageError(f"--base {opts.base!r} and --ckpt {opts.ckpt!r} must be files")
+    if not Path(opts.base).exists() or not Path(opts.ckpt).exists():
+        raise UsageError(f"--base {opts.base!r} and --ckpt {opts.ckpt!r} must exist")
     target = load_config(opts.base).model.get("target")
     if target != LATENT_DIFFUSION:
         raise UsageError(f"--base {opts.base}: a {LATENT_DIFFUSION} config is needed, "

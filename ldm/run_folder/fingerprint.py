@@ -67,7 +67,13 @@ def config_entry(config: str) -> dict:
 
 
 def checkpoint_entry(ckpt: str) -> dict:
-    ident = quick_file_id(Path(ckpt))
+    """A checkpoint file, or a diffusers folder by its files' names and quick ids."""
+    path = Path(ckpt)
+    if not path.is_dir():
+        ident = quick_file_id(path)
+        return entry(ident, f"{ckpt!r} ({ident})")
+    files = [f"{p.relative_to(path)} {quick_file_id(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
+    ident = f"{len(files)} files, sha256 of their ids {hashlib.sha256(str(files).encode()).hexdigest()[:16]}"
     return entry(ident, f"{ckpt!r} ({ident})")
 
 

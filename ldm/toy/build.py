@@ -46,6 +46,7 @@ from tqdm import tqdm
 from ldm.paths import shipped
 from ldm.toy import world
 from ldm.toy.extractors import TOY_EXTRACTORS
+from ldm.toy.defaults import TOY_DEFAULTS
 from ldm.toy.nets import SmallCNN, count_params, load_net, save_net
 from ldm.toy.oracle import DEGRADATIONS, Oracle, degrade, score
 from ldm.toy.train import (attribute_sensitivity, batched, evaluate_heads, file_kib, probe_report,
@@ -251,8 +252,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="outputs/toy_models",
                     help="where the models, metrics.json and train_log.txt go (models/toy: the shipped files)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every net's steps (quick runs)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads; 1 is far faster than 2 when other jobs share the 2 cores")
+    ap.add_argument("--threads", type=int, default=TOY_DEFAULTS["threads"],
+                    help="torch threads (default 1: far faster than 2 when other jobs share the 2 cores)")
     args = ap.parse_args(argv)
 
     set_threads(args.threads)

@@ -23,6 +23,9 @@ TOY_DEFAULTS = {
     "optim_timesteps": 100,
     # The toy LDM is unconditional: its trained decoders are guided over the hint (ldm/featinv/toy.py).
     "featinv_guidance": 5.0,
+    # Torch threads of every toy script: its models are too small to gain from a second thread,
+    # and on a shared 2-core CPU two threads were 4-5x slower (measured: docs/toy-world.md).
+    "threads": 1,
 }
 
 # The shipped trained decoders (spatial pre-pool map), the default of --featinv_decoder.

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="outputs/demo", help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue a stopped demo")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=int, default=TOY_DEFAULTS["threads"],
                         help="CPU threads of torch (default 1: the toy's models are small, and on a "
                              "shared machine one thread is much faster than two)")
     argv = list(sys.argv[1:] if argv is None else argv)

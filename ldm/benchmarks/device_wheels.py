@@ -1,0 +1,53 @@
+"""Download, here, the wheels of the packages the GPU machine's own Python lacks, so that the GPU
+check runs there with that interpreter (docs/gpu-check.md).
+
+That machine has no network and Python 3.12 with torch, torchvision, Lightning, timm,
+transformers, safetensors, einops, PyYAML, regex, tqdm and huggingface-hub, but no omegaconf
+and no open_clip. Those two (at this project's pins, read from setup.py) and the dependencies
+the machine lacks (ftfy and its wcwidth) are downloaded for CPython 3.12 on x86-64 Linux (all
+pure Python but wcwidth, an abi3 wheel), 2.6 MB, into the ignored folder `.device_wheels/`
+that the device tool carries.
+
+    python scripts/prepare_device_wheels.py            # → .device_wheels/*.whl (make device-wheels)
+"""
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+FROM_SETUP = ("omegaconf", "open_clip_torch")
+# open_clip_torch's dependencies that the GPU machine lacks (the others are there).
+MISSING_DEPENDENCIES = {"ftfy": "6.3.1", "wcwidth": "0.9.4"}
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+
+
+def setup_pins() -> dict[str, str]:
+    """`name==version` of setup.py's INSTALL_REQUIRES, read as text (setup.py is not imported)."""
+    return dict(re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', (REPO / "setup.py").read_text()))
+
+
+def requirements() -> list[str]:
+    pins = setup_pins()
+    return [f"{name}=={pins[name]}" for name in FROM_SETUP] + [
+        f"{name}=={version}" for name, version in MISSING_DEPENDENCIES.items()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", default=str(REPO / ".device_wheels"),
+                        help="folder for the wheels (default .device_wheels/, ignored by git)")
+    out = Path(parser.parse_args(argv).out)
+    out.mkdir(parents=True, exist_ok=True)
+    platforms = [arg for tag in PLATFORMS for arg in ("--platform", tag)]
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+               "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
+               *platforms, "-d", str(out), *requirements()]
+    if subprocess.run(command).returncode:
+        print("error: pip could not download the wheels (is PyPI reachable?)", file=sys.stderr)
+        return 2
+    wheels = sorted(out.glob("*.whl"))
+    print(f"{len(wheels)} wheels in {out} ({sum(w.stat().st_size for w in wheels) / 1e6:.1f} MB): "
+          + ", ".join(w.name for w in wheels))
+    return 0
