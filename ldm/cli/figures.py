@@ -7,8 +7,9 @@
       timestep, noisiest to cleanest, several runs overlaid.
 
 RUN arguments are run folders (an --optim_folder) or folders holding them (a multi-target
---optim_folder, a study's tree): the run folders under them are found recursively, in sorted
-order. The mosaic skips unfinished runs with a warning; the curves plot unfinished runs too.
+--optim_folder, a study's tree): the run folders under them are found recursively: the arguments
+in the order given; under each, subfolders in the order of a multi-target run's index.json (the
+--prompt order), else by name. The mosaic skips unfinished runs with a warning; the curves plot unfinished runs too.
 
 --out decides the formats by its suffix: fig.png or fig.pdf writes that file, fig (no suffix)
 writes both fig.png and fig.pdf.
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--out", required=True,
                         help="output file: .png or .pdf, or no suffix for both (fig -> fig.png, fig.pdf)")
     common.add_argument("--labels", nargs="+", metavar="LABEL",
-                        help="one label per run, in the order the runs are listed (sorted paths)")
+                        help="one label per run, in the order the runs are found: the arguments', then "
+                             "a multi-target run's index.json order or by name")
 
     mosaic = commands.add_parser("mosaic", parents=[common], help="paper-style mosaic (default)",
                                  description="Rows = targets; columns = the target, then final | best "

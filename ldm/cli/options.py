@@ -261,7 +261,8 @@ def flags_markdown() -> str:
         default = f.default if f.default is not MISSING else f.default_factory()
         shown = f.metadata["shown"] or (" ".join(map(str, default)) if isinstance(default, list) else default)
         shown = "off" if f.metadata["argparse"].get("action") == "store_true" else shown
-        shown = str(shown).removeprefix(f"{ROOT}/") if shown is not None else None   # shipped files
+        # shipped files relative to the repository; "%%" is argparse's escape of "%"
+        shown = str(shown).removeprefix(f"{ROOT}/").replace("%%", "%") if shown is not None else None
         help_ = f.metadata["help"].replace("%%", "%").replace("|", "\\|")
         fingerprinted = "yes" if f.metadata["fingerprint"] or f.metadata["setting"] else ""
         lines.append(f"| `--{f.name}` | {shown if shown is not None else 'none'} | {help_} | {fingerprinted} |")
