@@ -371,7 +371,7 @@ def main(argv=None) -> int:
                         help="respaced schedule length")
     parser.add_argument("--seed", type=int, default=0, help="first sampling seed (target b uses seed + b)")
     parser.add_argument("--out", default="outputs/toy_benchmark")
-    parser.add_argument("--quick", action="store_true", help="12 targets, 50 timesteps (about 7 minutes on 2 CPU cores, one thread); "
+    parser.add_argument("--quick", action="store_true", help="12 targets, 50 timesteps (a few minutes); "
                         "with --compare: guided, fast preset, featinv spatial and hybrid on 6 toy_all targets, 1 seed")
     parser.add_argument("--sweep", action="store_true",
                         help="fidelity against iterations over --sweep_timesteps x --sweep_num_steps "
