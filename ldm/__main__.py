@@ -7,8 +7,8 @@
 import argparse
 import sys
 
+from ldm.choices import named_extractors
 from ldm.errors import InputError
-from ldm.extractors import list_extractors, list_layers
 
 
 def main(argv=None) -> int:
@@ -25,6 +25,10 @@ def main(argv=None) -> int:
         from ldm.cli.options import flags_markdown
         print(flags_markdown(), end="")
         return 0
+    if args.command == "list-extractors" and args.library is None:
+        print("\n".join(named_extractors()))
+        return 0
+    from ldm.extractors import list_extractors, list_layers   # a library's models need torch
     try:
         names = (list_extractors(args.library) if args.command == "list-extractors"
                  else list_layers(args.extractor))

@@ -26,7 +26,6 @@ from pathlib import Path
 from ldm.errors import InputError
 from ldm.figures import (IMAGE_COLUMNS, LOG_KINDS, FigureError, mosaic_layout, plot_log, read_log,
                          run_mosaic, save_image)
-from ldm.run_folder import RunFolderError, collect_runs, find_run_folders, read_metrics
 from ldm.scorelog import stop_message
 
 COMMANDS = ("mosaic", "curves")
@@ -91,6 +90,7 @@ def _check_labels(labels, folders) -> None:
 
 
 def make_mosaic(args) -> str:
+    from ldm.run_folder import collect_runs   # the run folders' stack imports torch: not for --help
     paths = output_paths(args.out)
     runs, skipped = collect_runs(args.runs)
     for message in skipped:
@@ -107,6 +107,7 @@ def make_mosaic(args) -> str:
 
 
 def make_curves(args) -> str:
+    from ldm.run_folder import find_run_folders
     paths = output_paths(args.out)
     folders = []
     for folder in find_run_folders(args.runs):
@@ -140,6 +141,7 @@ def make_curves(args) -> str:
 
 
 def _finished(folder: Path) -> bool:
+    from ldm.run_folder import RunFolderError, read_metrics
     try:
         return bool(read_metrics(folder).get("finished"))
     except RunFolderError:

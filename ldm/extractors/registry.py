@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ldm.choices import ALIASES, named_extractors
 from ldm.extractors.base import FeatureExtractor
 from ldm.extractors.errors import ExtractorSpecError
 from ldm.extractors.clip import ClipRN50Extractor, OpenClipExtractor
@@ -61,9 +62,6 @@ PAPER: dict[tuple[str, str], tuple[type[FeatureExtractor], str]] = {
     ("torchvision", "vit_h_14"): (VitH14Extractor, "IMAGENET1K_SWAG_E2E_V1"),
     ("open_clip", "RN50"): (ClipRN50Extractor, "openai"),
 }
-ALIASES = {"resnet50": "torchvision:resnet50", "vit_h_14": "torchvision:vit_h_14",
-           "clip_rn50": "open_clip:RN50",
-           **{name: f"toy:{name.removeprefix('toy_')}" for name in TOY_EXTRACTORS}}
 
 
 @dataclass(frozen=True)
@@ -212,7 +210,7 @@ def list_extractors(library: str | None = None) -> list[str]:
     """Without `library`: the short names and the named entries (paper and toy models); with
     one: every model spec of that library (timm: ~1300 architectures, each takes a tag)."""
     if library is None:
-        return [*ALIASES, *ALIASES.values()]
+        return named_extractors()
     if library not in LIBRARIES:
         raise ExtractorSpecError(f"unknown library {library!r}; libraries: {', '.join(LIBRARIES)}")
     return [f"{library}:{m}" for m in LIBRARIES[library].models()]
