@@ -29,3 +29,11 @@ def test_weights_not_found_leave_no_folder(empty_caches, sd_files, capsys, promp
     code, _, err = run_cli("open_clip:RN50", tiny_args(sd_files, runs / "new" / "run", prompt=prompt), capsys)
     assert code == 2 and "are not available: HF_HUB_OFFLINE is set" in err
     assert not runs.exists()
+
+
+def test_the_speed_benchmark_writes_under_outputs_by_default(capsys):
+    from ldm.benchmarks.speed import main as benchmark
+
+    with pytest.raises(SystemExit):
+        benchmark(["--help"])
+    assert "(default: outputs/benchmark_results.json)" in " ".join(capsys.readouterr().out.split())
