@@ -142,13 +142,12 @@ def with_tiny_sd(code: str) -> str:
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
-    """A folder that looks like the repository to the docs' commands; `python` is this one."""
+    """A folder that looks like the repository to the docs' commands; `python` is this one's
+    (its environment's bin/ first on PATH, as in an activated venv)."""
     folder = tmp_path_factory.mktemp("docs")
     for name in LINKED:
         (folder / name).symlink_to(REPO / name)
-    bin_dir = folder / ".bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
+    bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TORCH_HOME": str(folder / ".torch"),
            "HF_HOME": str(folder / ".hf"), "HF_HUB_OFFLINE": "1"}
