@@ -1,5 +1,5 @@
 # Quick start: `make demo` and `make test`. Both create .venv/ with the pinned dependencies
-# when it is missing (or when setup.py changed), then run.
+# (constraints.txt) when it is missing (or when setup.py or constraints.txt changed), then run.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast gpu-check device-wheels clean
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing the pinned dependencies into $(VENV)/ (about 6 GB with PyPI's CUDA build of torch; a few minutes)"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --progress-bar on -e ".[test]"
+	$(PY) -m pip install --progress-bar on -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -7,8 +7,9 @@
 import argparse
 import sys
 
+from ldm.choices import PAPER_ALIASES
 from ldm.errors import InputError
-from ldm.extractors import list_extractors, list_layers
+from ldm.toy.names import TOY_ALIASES
 
 
 def main(argv=None) -> int:
@@ -25,6 +26,11 @@ def main(argv=None) -> int:
         from ldm.cli.options import flags_markdown
         print(flags_markdown(), end="")
         return 0
+    if args.command == "list-extractors" and args.library is None:   # without torch
+        aliases = {**PAPER_ALIASES, **TOY_ALIASES}
+        print("\n".join([*aliases, *aliases.values()]))
+        return 0
+    from ldm.extractors import list_extractors, list_layers   # a library's models need torch
     try:
         names = (list_extractors(args.library) if args.command == "list-extractors"
                  else list_layers(args.extractor))

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("squared", "cosine")
+from ldm.choices import LOSSES
+
 
 
 def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

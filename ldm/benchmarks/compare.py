@@ -24,16 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ldm.benchmarks.flops import counted_flops
 from ldm.objectives import cosine_similarity
 from ldm.toy import world
-from ldm.toy.extractors import TOY_EXTRACTORS
+from ldm.toy.names import TOY_NETS
 from ldm.toy.oracle import Oracle
 
 ATTRIBUTES = ("shape", "colour", "size_class")
 # What each toy extractor was trained on: its feature encodes these (ldm/toy/nets.py).
-ENCODED = {name: cls.encodes for name, cls in TOY_EXTRACTORS.items()}
+ENCODED = TOY_NETS
 
 
 @dataclass
@@ -179,14 +180,15 @@ def run(decoders: dict, extractors: dict, model, n: int, seeds: int, out: Path, 
     for extractor_name, extractor in extractors.items():
         with torch.no_grad():
             goals = extractor(targets * 2 - 1)
-        for name, factory in decoders.items():
+        for name, factory in tqdm(decoders.items(), desc=f"compare on {extractor_name}", unit="decoder",
+                                  dynamic_ncols=True):
             costs = Costs()
             decode = factory(CountingModel(model, costs), extractor, costs)
             row = measure(name, extractor_name, extractor, decode, costs, truth, goals, targets,
                           list(range(seeds)), oracle)
             rows.append(row)
-            print(f"{extractor_name} {name}: cosine {row['cosine_mean']:.3f} (min {row['cosine_min']:.3f}), "
-                  f"{row['gflop_per_inversion']:.2f} GFLOP, {row['seconds_per_target']:.2f} s/target", flush=True)
+            tqdm.write(f"{extractor_name} {name}: cosine {row['cosine_mean']:.3f} (min {row['cosine_min']:.3f}), "
+                       f"{row['gflop_per_inversion']:.2f} GFLOP, {row['seconds_per_target']:.2f} s/target")
     (out / "compare.json").write_text(json.dumps({"n_targets": n, "seeds": seeds, "chance": chance,
                                                   "rows": rows}, indent=1))
     (out / "compare.md").write_text(markdown(rows, chance))

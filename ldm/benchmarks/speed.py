@@ -462,7 +462,8 @@ def parse_args(argv=None):
     parser.add_argument("--waste", action=argparse.BooleanOptionalAction, default=True,
                         help="also run ResNet-50 fp32 batch 1 with the reference's waste (default on)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="benchmark_results.json")
+    parser.add_argument("--out", default="outputs/benchmark_results.json",
+                        help="the JSON records (default: outputs/benchmark_results.json)")
     parser.add_argument("--strict", action="store_true", help="stop at the first failing configuration")
     args = parser.parse_args(argv)
     gpu = torch.device(args.device).type == "cuda"

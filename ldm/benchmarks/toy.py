@@ -41,9 +41,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from ldm.objectives import FeatureDistance
 from ldm.toy.extractors import TOY_EXTRACTORS
+from ldm.toy.names import TOY_NETS
 from ldm.decoders import DecoderOptions, make_decoding, sample_batch, to_unit_range
 from ldm.models.diffusion.feature_guidance import GuidanceSettings
 from ldm.models.loading import load_model
@@ -58,7 +60,7 @@ ATTRIBUTES = ("shape", "colour", "size_class")
 GUIDED = make_decoding(DecoderOptions())
 # What each extractor was trained on (its feature encodes these; ldm/toy/nets.py).
 # The sweep's verdicts read shape and colour.
-ENCODED = {name: tuple(a for a in cls.encodes if a in ("shape", "colour")) for name, cls in TOY_EXTRACTORS.items()}
+ENCODED = {name: tuple(a for a in encodes if a in ("shape", "colour")) for name, encodes in TOY_NETS.items()}
 COSINE_GOAL = 0.95              # a target counts as reached at final cosine >= this
 
 
@@ -323,7 +325,7 @@ def run_sweep(args, out: Path) -> int:
     print(f"sweep: {len(todo)} settings to run ({len(plan) - len(todo)} already in {path}), "
           f"{total} iterations of {args.n} targets", flush=True)
     extractors = {}
-    for name, settings in todo:
+    for name, settings in tqdm(todo, desc="sweep", unit="setting", dynamic_ncols=True):
         extractor = extractors.setdefault(name, TOY_EXTRACTORS[name]())
         t0 = time.perf_counter()
         decoded = decode(model, extractor, targets, settings, args.seed)
@@ -333,10 +335,10 @@ def run_sweep(args, out: Path) -> int:
         start = time.perf_counter()
         write_sweep(sweep, out)
         k = _k_label(settings.num_steps) if settings.forward_guidance else "unguided"
-        print(f"{name} N={settings.timesteps} K={k}: {row['iterations']} iterations, {row['seconds']:.0f} s, "
-              f"cosine {row['cosine_mean']:.3f} (min {row['cosine_min']:.3f}, "
-              f"{row['frac_cosine_goal']:.2f} >= {COSINE_GOAL}), shape {row['shape_acc']:.2f}, "
-              f"colour {row['colour_acc']:.2f}", flush=True)
+        tqdm.write(f"{name} N={settings.timesteps} K={k}: {row['iterations']} iterations, {row['seconds']:.0f} s, "
+                   f"cosine {row['cosine_mean']:.3f} (min {row['cosine_min']:.3f}, "
+                   f"{row['frac_cosine_goal']:.2f} >= {COSINE_GOAL}), shape {row['shape_acc']:.2f}, "
+                   f"colour {row['colour_acc']:.2f}")
     sweep["wall_seconds"] += time.perf_counter() - start
     table = write_sweep(sweep, out)
     sweep_plot(sweep, out / "sweep.png")
@@ -421,7 +423,7 @@ def main(argv=None) -> int:
     guided = guidance_settings(True, args.timesteps)
     unguided = guidance_settings(False, args.timesteps)
     finals = {}
-    for name, cls in TOY_EXTRACTORS.items():
+    for name, cls in tqdm(TOY_EXTRACTORS.items(), desc="toy benchmark", unit="extractor", dynamic_ncols=True):
         extractor = cls()
         t0 = time.perf_counter()
         decoded = decode(model, extractor, targets, guided, args.seed)
@@ -432,9 +434,9 @@ def main(argv=None) -> int:
                                        "seconds": time.perf_counter() - t0}
         results["iterations"] = decoded["iterations"]
         g = results["extractors"][name]["guided"]["final"]
-        print(f"{name}: cosine {g['cosine_mean']:.3f} (min {g['cosine_min']:.3f}), shape {g['shape_acc']:.2f}, "
-              f"colour {g['colour_acc']:.2f}, size {g['size_class_acc']:.2f}, position "
-              f"{g['position_err_px']:.1f} px ({time.perf_counter() - t0:.0f} s)", flush=True)
+        tqdm.write(f"{name}: cosine {g['cosine_mean']:.3f} (min {g['cosine_min']:.3f}), shape {g['shape_acc']:.2f}, "
+                   f"colour {g['colour_acc']:.2f}, size {g['size_class_acc']:.2f}, position "
+                   f"{g['position_err_px']:.1f} px ({time.perf_counter() - t0:.0f} s)")
     results["seconds"] = time.perf_counter() - start
     results["settings"] = (f"--optim_timesteps {args.timesteps} --optim_num_steps "
                            f"{' '.join(map(str, guided.num_steps))} --optim_early_emp_end {guided.early_emp_end} "

@@ -18,17 +18,12 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ldm.checkpoint import CheckpointError
-from ldm.cli.batch import EXIT_NUMERICAL_FAULT, RunStopped
 from ldm.cli.options import build_parser, parse_options
-from ldm.cli.command import run
-from ldm.cli.signals import EXIT_SIGNAL
-from ldm.decoders import decoder_kind
-from ldm.errors import InputError
-from ldm.extractors import FeatureExtractor
-from ldm.models.loading import SD_V14_MISSING_HINT
-from ldm.run_folder import names
+
+if TYPE_CHECKING:
+    from ldm.extractors import FeatureExtractor
 
 EXIT_BAD_INPUT = 2
 
@@ -43,7 +38,7 @@ def _title(extractor) -> str:
 
 def main(extractor: str | type[FeatureExtractor] | dict | None = None, *, description: str | None = None,
          defaults: dict | None = None, presets: dict | None = None, text_only: bool = False,
-         ckpt_hint: str = SD_V14_MISSING_HINT, argv: list[str] | None = None,
+         ckpt_hint: str | None = None, argv: list[str] | None = None,
          resume_hint: str | None = None, featinv_decoders: dict | None = None) -> int:
     """The whole command line of a script. `extractor`: a registry name
     ("torchvision:resnet50"), an extractor class, a dict name → either (adds an `--extractor`
@@ -60,12 +55,22 @@ def main(extractor: str | type[FeatureExtractor] | dict | None = None, *, descri
                           ("any" if extractor is None else None))
     argv = list(sys.argv[1:] if argv is None else argv)
     options = parse_options(parser, argv, presets)
+    # The model stack is imported once the flags are parsed: --help needs no torch.
+    from ldm.checkpoint import CheckpointError
+    from ldm.cli.batch import EXIT_NUMERICAL_FAULT, RunStopped
+    from ldm.decoders import decoder_kind
+    from ldm.cli.command import run
+    from ldm.cli.signals import EXIT_SIGNAL
+    from ldm.errors import InputError
+    from ldm.models.loading import SD_V14_MISSING_HINT
+    from ldm.run_folder import names
     chosen = (extractor[options.extractor] if isinstance(extractor, dict)
               else options.extractor if extractor is None else extractor)
     if not options.featinv_decoder and featinv_decoders and decoder_kind(options.decoder).needs_file:
         options.featinv_decoder = featinv_decoders.get(options.extractor)
     try:
-        run(chosen, options, text_only=text_only, ckpt_hint=ckpt_hint, argv=argv, resume_hint=resume_hint)
+        run(chosen, options, text_only=text_only, ckpt_hint=ckpt_hint or SD_V14_MISSING_HINT, argv=argv,
+            resume_hint=resume_hint)
     except (InputError, FileNotFoundError, CheckpointError) as err:
         # Expected user-facing errors (bad flags or inputs, missing or broken weights): no traceback.
         print(f"error: {err}", file=sys.stderr)

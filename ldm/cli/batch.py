@@ -39,7 +39,7 @@ class Job:
     target: Target
     folder: RunFolder
     status: str                          # of the folder before this run: new / interrupted / finished
-    created: bool = False                # the folder was made by this run
+    created: list = field(default_factory=list)   # folders made by this run, deepest first
     fingerprint: dict | None = None
     state: SamplerState | None = None    # its resume state (a batch of one)
     saved: dict | None = None            # the bookkeeping saved with that state

@@ -385,12 +385,17 @@ def _load_models(plan: Plan, jobs: list[Job]) -> FeatureDecoder:
 
 
 def _release(jobs: list[Job], failed: bool) -> None:
-    """Unlock every folder taken; a run that failed before writing leaves no empty folder."""
+    """Unlock every folder taken; a run that failed before writing leaves no empty folder (nor
+    the parents it made: the last job's first, so that a shared parent is empty by the end)."""
     for job in jobs:
         job.folder.unlock()
+    for job in reversed(jobs):
         if failed and job.created and [p.name for p in job.folder.path.iterdir()] == [names.LOCK]:
             (job.folder / names.LOCK).unlink()
-            job.folder.path.rmdir()
+            for path in job.created:
+                if any(path.iterdir()):
+                    break
+                path.rmdir()
 
 
 def _run_jobs(plan: Plan, jobs: list[Job]) -> list[dict]:
@@ -414,10 +419,11 @@ def _run_jobs(plan: Plan, jobs: list[Job]) -> list[dict]:
 
 def extractor_details(extractor: FeatureExtractor, options: RunOptions) -> dict:
     """metrics.json's record of the target model: its weights (the argument, the resolved tag,
-    the file's identity) and the preprocessing its targets and generated images get."""
+    the file's identity) and the preprocessing its targets and generated images get. Random
+    weights record no tag: the tag names only the preprocessing they ran with."""
     weights = options.extractor_weights
     return {"name": extractor.name, "weights": weights,
-            "weights_tag": extractor.weights_tag,
+            "weights_tag": None if weights_kind(weights) == "random" else extractor.weights_tag,
             "weights_file": (fp.quick_file_id(Path(weights)) if weights_kind(weights) == "file"
                              else None),
             "preprocessing": extractor.preprocessing.to_json()}

@@ -7,8 +7,9 @@
       timestep, noisiest to cleanest, several runs overlaid.
 
 RUN arguments are run folders (an --optim_folder) or folders holding them (a multi-target
---optim_folder, a study's tree): the run folders under them are found recursively, in sorted
-order. The mosaic skips unfinished runs with a warning; the curves plot unfinished runs too.
+--optim_folder, a study's tree): the run folders under them are found recursively: the arguments
+in the order given; under each, subfolders in the order of a multi-target run's index.json (the
+--prompt order), else by name. The mosaic skips unfinished runs with a warning; the curves plot unfinished runs too.
 
 --out decides the formats by its suffix: fig.png or fig.pdf writes that file, fig (no suffix)
 writes both fig.png and fig.pdf.
@@ -25,7 +26,6 @@ from pathlib import Path
 from ldm.errors import InputError
 from ldm.figures import (IMAGE_COLUMNS, LOG_KINDS, FigureError, mosaic_layout, plot_log, read_log,
                          run_mosaic, save_image)
-from ldm.run_folder import RunFolderError, collect_runs, find_run_folders, read_metrics
 from ldm.scorelog import stop_message
 
 COMMANDS = ("mosaic", "curves")
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--out", required=True,
                         help="output file: .png or .pdf, or no suffix for both (fig -> fig.png, fig.pdf)")
     common.add_argument("--labels", nargs="+", metavar="LABEL",
-                        help="one label per run, in the order the runs are listed (sorted paths)")
+                        help="one label per run, in the order the runs are found: the arguments', then "
+                             "a multi-target run's index.json order or by name")
 
     mosaic = commands.add_parser("mosaic", parents=[common], help="paper-style mosaic (default)",
                                  description="Rows = targets; columns = the target, then final | best "
@@ -89,6 +90,7 @@ def _check_labels(labels, folders) -> None:
 
 
 def make_mosaic(args) -> str:
+    from ldm.run_folder import collect_runs   # the run folders' stack imports torch: not for --help
     paths = output_paths(args.out)
     runs, skipped = collect_runs(args.runs)
     for message in skipped:
@@ -105,6 +107,7 @@ def make_mosaic(args) -> str:
 
 
 def make_curves(args) -> str:
+    from ldm.run_folder import find_run_folders
     paths = output_paths(args.out)
     folders = []
     for folder in find_run_folders(args.runs):
@@ -138,6 +141,7 @@ def make_curves(args) -> str:
 
 
 def _finished(folder: Path) -> bool:
+    from ldm.run_folder import RunFolderError, read_metrics
     try:
         return bool(read_metrics(folder).get("finished"))
     except RunFolderError:

@@ -13,13 +13,15 @@ import argparse
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from typing import TYPE_CHECKING
+
+from ldm.choices import LOSSES, PRECISION_NAMES
 from ldm.decoders import DECODER_KINDS, DecoderOptions, decoder_kind
 from ldm.errors import SettingError
-from ldm.models.diffusion.feature_guidance import GuidanceSettings
-from ldm.models.diffusion.mixed_precision import PRECISIONS
-from ldm.models.loading import DEFAULT_CKPT, DEFAULT_CONFIG
-from ldm.paths import ROOT, shipped
-from ldm.objectives import LOSSES, parse_channels
+from ldm.paths import DEFAULT_CKPT, DEFAULT_CONFIG, ROOT, shipped
+
+if TYPE_CHECKING:   # imported where used: --help and `python -m ldm flags` need no torch
+    from ldm.models.diffusion.feature_guidance import GuidanceSettings
 
 MAX_SEED = 2 ** 64 - 1
 MAX_BATCH = 1024
@@ -147,7 +149,8 @@ class RunOptions:
     # --- speed -----------------------------------------------------------------------------
     precision: str = option("autocast precision of the UNet, decoder and target model (fp32 "
                             "reproduces the reference; bf16 is the fast choice on recent GPUs)",
-                            "fp32", choices=tuple(PRECISIONS), group="speed", fingerprint="value", metric="precision")
+                            "fp32", choices=PRECISION_NAMES, group="speed", fingerprint="value",
+                            metric="precision")
     compile: bool = option("torch.compile the networks (pays off on long GPU runs)", False,
                            action="store_true", group="speed", metric="speed.compile")
     grad_checkpoint: bool = option("recompute activations in the backward pass: less memory, about "
@@ -214,6 +217,7 @@ class RunOptions:
 
     def settings(self) -> GuidanceSettings:
         """The sampler's settings; a bad value raises SettingError naming its flag."""
+        from ldm.models.diffusion.feature_guidance import GuidanceSettings
         values = {f.metadata["setting"]: getattr(self, f.name) for f in fields(self) if f.metadata["setting"]}
         values["num_steps"] = tuple(values["num_steps"])
         try:
@@ -230,6 +234,7 @@ class RunOptions:
             if value is not None and not low <= value <= high:
                 raise SettingError(flag(name), f"{value} is not from {low} to {high:,}")
         if self.channels is not None:
+            from ldm.objectives import parse_channels
             try:
                 parse_channels(self.channels)
             except ValueError as err:
@@ -293,7 +298,8 @@ def flags_markdown() -> str:
         default = f.default if f.default is not MISSING else f.default_factory()
         shown = f.metadata["shown"] or (" ".join(map(str, default)) if isinstance(default, list) else default)
         shown = "off" if f.metadata["argparse"].get("action") == "store_true" else shown
-        shown = str(shown).removeprefix(f"{ROOT}/") if shown is not None else None   # shipped files
+        # shipped files relative to the repository; "%%" is argparse's escape of "%"
+        shown = str(shown).removeprefix(f"{ROOT}/").replace("%%", "%") if shown is not None else None
         help_ = f.metadata["help"].replace("%%", "%").replace("|", "\\|")
         fingerprinted = "yes" if f.metadata["fingerprint"] or f.metadata["setting"] else ""
         lines.append(f"| `--{f.name}` | {shown if shown is not None else 'none'} | {help_} | {fingerprinted} |")

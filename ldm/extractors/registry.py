@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.choices import PAPER_ALIASES
 from ldm.extractors.base import FeatureExtractor
 from ldm.extractors.errors import ExtractorSpecError
 from ldm.extractors.clip import ClipRN50Extractor, OpenClipExtractor
@@ -96,8 +97,7 @@ PAPER: dict[tuple[str, str], tuple[type[FeatureExtractor], str]] = {
     ("torchvision", "vit_h_14"): (VitH14Extractor, "IMAGENET1K_SWAG_E2E_V1"),
     ("open_clip", "RN50"): (ClipRN50Extractor, "openai"),
 }
-ALIASES = {"resnet50": "torchvision:resnet50", "vit_h_14": "torchvision:vit_h_14",
-           "clip_rn50": "open_clip:RN50"}
+ALIASES = dict(PAPER_ALIASES)   # the toy layer and register_extractor add theirs
 LOCAL_CLASSES: dict[str, type[FeatureExtractor]] = {}   # register_extractor's
 
 

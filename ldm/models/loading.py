@@ -8,11 +8,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.checkpoint import SD_V1_IGNORABLE_KEYS, load_into, load_state_dict
 from ldm.models.diffusers_folder import folder_config, folder_state_dict, pipeline_folder
-from ldm.paths import shipped
+from ldm.paths import DEFAULT_CKPT, DEFAULT_CONFIG
 from ldm.util import ConfigError, check_config_targets, instantiate_from_config
 
-DEFAULT_CONFIG = str(shipped("configs/stable-diffusion/v1-inference.yaml"))
-DEFAULT_CKPT = str(shipped("models/ldm/stable-diffusion/sd-v1-4.ckpt"))
 
 SD_V14_MISSING_HINT = (
     "Stable Diffusion v1.4 weights were not found at {path}.\n"

@@ -87,10 +87,10 @@ class RunFolder:
                                      "move it or choose another --optim_folder")
 
     # --- taking the folder ------------------------------------------------------------------
-    def create(self) -> bool:
-        """Make the folder (and its parents) and check it can be written; → whether it was
-        created by this call."""
-        created = not self.path.exists()
+    def create(self) -> list[Path]:
+        """Make the folder (and its parents) and check it can be written; → the folders this
+        call created, deepest first."""
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self / f".write_test.{os.getpid()}"

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from ldm.paths import shipped
 from ldm.toy import world
-from ldm.toy.extractors import TOY_EXTRACTORS
+from ldm.toy.names import TOY_NETS
 from ldm.toy.defaults import TOY_DEFAULTS
 from ldm.toy.nets import SmallCNN, count_params, load_net, save_net
 from ldm.toy.oracle import DEGRADATIONS, Oracle, degrade, score
@@ -53,7 +53,7 @@ from ldm.toy.train import (attribute_sensitivity, batched, evaluate_heads, file_
                            set_threads, train_net)
 
 STAGES: dict[str, Callable[["Context"], None]] = {}
-EXTRACTORS = tuple(cls.weights_file.removesuffix(".safetensors") for cls in TOY_EXTRACTORS.values())
+EXTRACTORS = tuple(f"extractor_{name.removeprefix('toy_')}" for name in TOY_NETS)
 
 
 def stage(name: str):

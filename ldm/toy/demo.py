@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ldm.cli import main as guided_main
 from ldm.figures import run_mosaic
 from ldm.run_folder import RunFolder, load_run
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     hint = shlex.join(["python", "scripts/toy_demo.py", *[a for a in argv if a != "--resume"], "--resume"])
     out, start = Path(args.out), time.perf_counter()
-    for name in EXTRACTORS:
+    for name in tqdm(EXTRACTORS, desc="toy demo", unit="extractor", dynamic_ncols=True):
         code = decode(name, out / name, args, hint)
         if code:
             return code

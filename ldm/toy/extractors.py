@@ -13,6 +13,7 @@ from ldm.extractors.errors import ExtractorSpecError
 from ldm.extractors.preprocessing import Preprocessing
 from ldm.extractors.registry import list_extractors, register_alias, register_library
 from ldm.paths import shipped
+from ldm.toy.names import TOY_ALIASES, TOY_NETS
 from ldm.toy.nets import load_net
 
 TOY_MODELS = shipped("models/toy")
@@ -46,24 +47,15 @@ class ToyExtractor(FeatureExtractor):
         return self.net.features(x)
 
 
-class ToyShapeExtractor(ToyExtractor):
-    name, weights_file = "toy_shape", "extractor_shape.safetensors"
-    encodes = ("shape",)
+def _toy_class(name: str, encodes: tuple[str, ...]) -> type[ToyExtractor]:
+    short = name.removeprefix("toy_")
+    return type(f"Toy{short.title()}Extractor", (ToyExtractor,),
+                {"name": name, "weights_file": f"extractor_{short}.safetensors", "encodes": encodes})
 
 
-class ToyColourExtractor(ToyExtractor):
-    name, weights_file = "toy_colour", "extractor_colour.safetensors"
-    encodes = ("colour",)
-
-
-class ToyAllExtractor(ToyExtractor):
-    name, weights_file = "toy_all", "extractor_all.safetensors"
-    encodes = ("shape", "colour", "size_class")
-
-
-# The toy extractors, by name: the one list every toy command, benchmark and build reads.
-TOY_EXTRACTORS: dict[str, type[ToyExtractor]] = {
-    cls.name: cls for cls in (ToyShapeExtractor, ToyColourExtractor, ToyAllExtractor)}
+# The toy extractors, by name (from the one list, ldm/toy/names.py).
+TOY_EXTRACTORS: dict[str, type[ToyExtractor]] = {name: _toy_class(name, encodes)
+                                                 for name, encodes in TOY_NETS.items()}
 
 
 @register_library("toy", models=lambda: [name.removeprefix("toy_") for name in TOY_EXTRACTORS])
@@ -75,5 +67,5 @@ def _toy(spec, weights, weights_tag, device, spatial):
     return toy(weights, device=device, layer=spec.layer, spatial=spatial)
 
 
-for _name in TOY_EXTRACTORS:
-    register_alias(_name, f"toy:{_name.removeprefix('toy_')}")
+for _name, _spec in TOY_ALIASES.items():
+    register_alias(_name, _spec)

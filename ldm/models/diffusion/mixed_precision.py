@@ -13,7 +13,10 @@ import contextlib
 
 import torch
 
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ldm.choices import PRECISION_NAMES
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}   # fp32: no autocast
+PRECISIONS: dict[str, torch.dtype | None] = {name: _DTYPES.get(name) for name in PRECISION_NAMES}
 FP16_LOSS_SCALE = 2.0 ** 10   # each image's loss is scaled to this before an fp16 backward
 
 
