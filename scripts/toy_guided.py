@@ -16,9 +16,9 @@ import sys
 
 from ldm.cli import main
 from ldm.toy.defaults import TOY_CKPT_HINT, TOY_DEFAULTS, TOY_FEATINV_DECODERS, TOY_PRESETS
-from ldm.toy.extractors import TOY_EXTRACTORS
+from ldm.toy.names import TOY_NETS
 
 if __name__ == "__main__":
-    sys.exit(main({name: name for name in TOY_EXTRACTORS},
+    sys.exit(main({name: name for name in TOY_NETS},
                   defaults=TOY_DEFAULTS, presets=TOY_PRESETS, ckpt_hint=TOY_CKPT_HINT,
                   featinv_decoders=TOY_FEATINV_DECODERS))

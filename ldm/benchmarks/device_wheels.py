@@ -3,8 +3,8 @@ check runs there with that interpreter (docs/gpu-check.md).
 
 That machine has no network and Python 3.12 with torch, torchvision, Lightning, timm,
 transformers, safetensors, einops, PyYAML, regex, tqdm and huggingface-hub, but no omegaconf
-and no open_clip. Those two (at this project's pins, read from setup.py) and the dependencies
-the machine lacks (ftfy and its wcwidth) are downloaded for CPython 3.12 on x86-64 Linux (all
+and no open_clip. Those two and the dependencies the machine lacks (ftfy and its wcwidth), at
+this project's pins (constraints.txt), are downloaded for CPython 3.12 on x86-64 Linux (all
 pure Python but wcwidth, an abi3 wheel), 2.6 MB, into the ignored folder `.device_wheels/`
 that the device tool carries.
 
@@ -17,21 +17,19 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-FROM_SETUP = ("omegaconf", "open_clip_torch")
-# open_clip_torch's dependencies that the GPU machine lacks (the others are there).
-MISSING_DEPENDENCIES = {"ftfy": "6.3.1", "wcwidth": "0.9.4"}
+# What the GPU machine lacks: omegaconf, open_clip_torch and its dependencies ftfy and wcwidth.
+PACKAGES = ("omegaconf", "open_clip_torch", "ftfy", "wcwidth")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
-def setup_pins() -> dict[str, str]:
-    """`name==version` of setup.py's INSTALL_REQUIRES, read as text (setup.py is not imported)."""
-    return dict(re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', (REPO / "setup.py").read_text()))
+def pins() -> dict[str, str]:
+    """{name: version} of constraints.txt's `name==version` lines."""
+    return dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "constraints.txt").read_text(), re.M))
 
 
 def requirements() -> list[str]:
-    pins = setup_pins()
-    return [f"{name}=={pins[name]}" for name in FROM_SETUP] + [
-        f"{name}=={version}" for name, version in MISSING_DEPENDENCIES.items()]
+    found = pins()
+    return [f"{name}=={found[name]}" for name in PACKAGES]
 
 
 def main(argv=None) -> int:

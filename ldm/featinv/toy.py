@@ -34,10 +34,10 @@ from ldm.objectives import cosine_similarity
 from ldm.paths import shipped
 from ldm.toy import world
 from ldm.toy.defaults import TOY_CKPT, TOY_CONFIG
-from ldm.toy.extractors import TOY_EXTRACTORS
+from ldm.toy.names import TOY_NETS
 from ldm.toy.oracle import Oracle, score
 
-EXTRACTORS = tuple(TOY_EXTRACTORS)
+EXTRACTORS = tuple(TOY_NETS)
 PRE_POOL_LAYER = "body.17"
 HELD_OUT_SEED = 2026          # the toy benchmark's held-out targets
 SAMPLING_SEED = 100           # FeatInv's; target b uses SAMPLING_SEED + b

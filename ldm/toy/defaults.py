@@ -1,7 +1,7 @@
 """Defaults of the toy world's guided decoding (scripts/toy_guided.py, the demo, the benchmark)."""
 
 from ldm.paths import shipped
-from ldm.toy.extractors import TOY_EXTRACTORS
+from ldm.toy.names import TOY_NETS
 
 TOY_CONFIG = str(shipped("configs/toy/ldm.yaml"))
 TOY_CKPT = str(shipped("models/toy/ldm.safetensors"))
@@ -30,7 +30,7 @@ TOY_DEFAULTS = {
 
 # The shipped trained decoders (spatial pre-pool map), the default of --featinv_decoder.
 TOY_FEATINV_DECODERS = {name: str(shipped(f"models/toy/featinv_{name.removeprefix('toy_')}_spatial.safetensors"))
-                        for name in TOY_EXTRACTORS}
+                        for name in TOY_NETS}
 
 TOY_CKPT_HINT = ("toy latent diffusion weights not found at {path}: they ship with the repository "
                  "(models/toy/ldm.safetensors); rebuild them with "

@@ -23,10 +23,10 @@ from ldm.figures import run_mosaic
 from ldm.run_folder import RunFolder, load_run
 from ldm.toy import world
 from ldm.toy.defaults import TOY_CKPT_HINT, TOY_DEFAULTS
-from ldm.toy.extractors import TOY_EXTRACTORS
+from ldm.toy.names import TOY_NETS
 from ldm.toy.oracle import Oracle
 
-EXTRACTORS = tuple(TOY_EXTRACTORS)
+EXTRACTORS = tuple(TOY_NETS)
 
 
 def read(oracle: Oracle, path: Path) -> str:

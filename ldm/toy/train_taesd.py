@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ldm.toy.extractors import TOY_EXTRACTORS
+from ldm.toy.names import TOY_NETS
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.loading import load_model
 from ldm.models.taesd import TinyDecoder, TinyDecoderConfig, TinyFirstStage, save_taesd_decoder
@@ -222,7 +222,7 @@ def evaluate(tiny: TinyFirstStage, model: LatentDiffusion, n: int = 200, n_gradi
     sets = {"clean": clean} | {f"x0_t{t}": x0_estimates(model, clean, g, t) for t in EVAL_TIMESTEPS}
     metrics = {"fidelity": {name: fidelity(tiny, model, z) for name, z in sets.items()}}
     cosines = metrics["gradient_cosine"] = {}
-    for spec in TOY_EXTRACTORS:   # by their short names
+    for spec in TOY_NETS:   # by their short names
         extractor = build_extractor(spec)
         with torch.no_grad():
             target = extractor(images[n:] * 2 - 1)
