@@ -7,7 +7,7 @@ import sys
 
 from ldm.benchmarks.toy import main
 from ldm.toy.defaults import TOY_DEFAULTS
-from ldm.toy.train import set_threads
+from ldm.toy_build.nets_training import set_threads
 
 if __name__ == "__main__":
     set_threads(TOY_DEFAULTS["threads"])

@@ -129,3 +129,22 @@ def test_the_toy_extractor_list_is_written_once():
     files = [*(REPO / "ldm").rglob("*.py"), *(REPO / "scripts").glob("*.py")]
     listing = [f"{p.relative_to(REPO)}:{line}" for p in files for line in toy_name_literals(p)]
     assert listing == ["ldm/toy/names.py:5"], f"the toy extractors listed again (use ldm.toy.names.TOY_NETS): {listing}"
+
+
+LOWER_LAYERS = {"ldm.toy": ("ldm.cli", "ldm.api", "ldm.decoders", "ldm.featinv", "ldm.benchmarks", "ldm.toy_build"),
+                "ldm.extractors": ("ldm.toy", "ldm.cli", "ldm.api", "ldm.decoders", "ldm.featinv", "ldm.benchmarks")}
+
+
+@pytest.mark.parametrize("layer", sorted(LOWER_LAYERS))
+def test_no_import_runs_back_up_the_layers(layer):
+    """The toy world and the extractors import nothing of the layers built on them (at any
+    depth of the file: a function-level import counts too)."""
+    above = LOWER_LAYERS[layer]
+    found = []
+    for path in (REPO / layer.replace(".", "/")).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(REPO)}: {n}" for n in names
+                      if any(n == a or n.startswith(a + ".") for a in above)]
+    assert not found, found

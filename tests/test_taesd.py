@@ -111,7 +111,7 @@ def toy():
     from ldm.models.loading import load_model
     from ldm.toy import world
     from ldm.toy.defaults import TOY_CKPT, TOY_CONFIG
-    from ldm.toy.train_taesd import EVAL_SEED, encode_latents
+    from ldm.toy_build.taesd_training import EVAL_SEED, encode_latents
 
     model = load_model(REPO_ROOT / TOY_CONFIG, REPO_ROOT / TOY_CKPT)
     images, _ = world.make_dataset(8, EVAL_SEED)
@@ -119,7 +119,7 @@ def toy():
 
 
 def test_shipped_toy_decoder_is_small_and_close_to_the_full_decoder(toy):
-    from ldm.toy.train_taesd import TOY_TAESD
+    from ldm.toy_build.taesd_training import TOY_TAESD
 
     model, tiny, z = toy
     assert tiny.decoder.config == TOY_TAESD and TOY_WEIGHTS.stat().st_size < 1.1e6
@@ -141,11 +141,11 @@ def test_gradients_reach_the_latent(toy):
 
 def test_feature_gradients_point_like_the_full_decoders(toy):
     from ldm.extractors.registry import build_extractor
-    from ldm.toy.train_taesd import gradient_cosine
+    from ldm.toy_build.taesd_training import gradient_cosine
 
     model, tiny, z = toy
     extractor = build_extractor("toy:all")
     with torch.no_grad():  # each latent's target: the feature of another image
         target = extractor(model.decode_first_stage(z.roll(1, 0)))
-    # about 0.6 on average over held-out latents (see ldm/toy/train_taesd.py), ~0 untrained
+    # about 0.6 on average over held-out latents (see ldm/toy_build/taesd_training.py), ~0 untrained
     assert gradient_cosine(tiny, model, extractor, z, target).mean() > 0.3

@@ -11,7 +11,7 @@ from ldm.models.loading import load_model
 from ldm.toy import world
 from ldm.toy.defaults import TOY_CKPT, TOY_CONFIG
 from ldm.toy.oracle import Oracle
-from ldm.toy.train_ldm import sample_unguided
+from ldm.toy_build.ldm_training import sample_unguided
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -141,7 +141,7 @@ def test_save_samples_roundtrip(tmp_path):
     ("oracle_shape", {"shape_acc": 0.98}),
 ])
 def test_shipped_nets_load_and_classify(fresh, name, thresholds):
-    from ldm.toy.train import evaluate_heads
+    from ldm.toy_build.nets_training import evaluate_heads
 
     path = os.path.join(MODELS, f"{name}.safetensors")
     net = load_net(path)
@@ -176,7 +176,7 @@ def test_features_are_differentiable():
 
 
 def test_train_net_smoke():
-    from ldm.toy.train import train_net
+    from ldm.toy_build.nets_training import train_net
 
     x, attrs = world.make_dataset(64, 5)
     net = SmallCNN(heads=("colour", "size"), widths=(8, 8, 8), feat_dim=16)

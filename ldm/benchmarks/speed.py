@@ -238,7 +238,7 @@ class Builder:
         if not c.fast or FAST_OPTIONS.gradient_decoder is None:
             return None
         from ldm.models.taesd import SD_V1, TinyDecoder, TinyDecoderConfig, TinyFirstStage
-        from ldm.toy.train_taesd import TOY_TAESD
+        from ldm.toy_build.taesd_training import TOY_TAESD
         upsamples = self.model.latent_downsample_factor.bit_length() - 1
         config = TOY_TAESD if c.model == "toy" else TinyDecoderConfig(
             latent_channels=self.model.channels, width=SD_V1.width, upsamples=upsamples)

@@ -92,7 +92,7 @@ def compare(full: Callable[[], nn.Module], tiny_config: TinyDecoderConfig,
 
 
 def main(argv=None) -> None:
-    from ldm.toy.train_taesd import TOY_TAESD
+    from ldm.toy_build.taesd_training import TOY_TAESD
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)

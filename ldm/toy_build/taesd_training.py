@@ -13,7 +13,7 @@ decoders have a mean cosine of about 0.53, 0.58 with the term. (Much of the full
 gradient runs through its GroupNorm statistics, which couple the whole image; the tiny
 decoder has no such path.) CPU, one thread, fixed seeds, about 20 minutes on a shared 2-core CPU:
 
-    python -m ldm.toy.train_taesd            # -> models/toy/taesd_decoder.safetensors
+    python -m ldm.toy_build.taesd_training            # -> models/toy/taesd_decoder.safetensors
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from ldm.models.taesd import TinyDecoder, TinyDecoderConfig, TinyFirstStage, sav
 from ldm.toy import world
 from ldm.toy.defaults import TOY_CKPT, TOY_CKPT_HINT, TOY_CONFIG
 from ldm.toy.oracle import gaussian_blur
-from ldm.toy.train import batched, file_kib, set_threads
+from ldm.toy_build.nets_training import batched, file_kib, set_threads
 from ldm.util import count_params
 
 # 8x8x4 latents -> 32x32 images; width 32 keeps it cheaper than the (already small) full toy

@@ -49,7 +49,7 @@ from ldm.toy.names import TOY_NETS
 from ldm.toy.defaults import TOY_DEFAULTS
 from ldm.toy.nets import SmallCNN, count_params, load_net, save_net
 from ldm.toy.oracle import DEGRADATIONS, Oracle, degrade, score
-from ldm.toy.train import (attribute_sensitivity, batched, evaluate_heads, file_kib, probe_report,
+from ldm.toy_build.nets_training import (attribute_sensitivity, batched, evaluate_heads, file_kib, probe_report,
                            set_threads, train_net)
 
 STAGES: dict[str, Callable[["Context"], None]] = {}
@@ -193,7 +193,7 @@ def write_samples(ctx: Context) -> None:
 @stage("ldm")
 def train_ldm(ctx: Context) -> None:
     """The toy latent diffusion model (configs/toy/ldm.yaml): first stage, then UNet."""
-    from ldm.toy.train_ldm import train_toy_ldm
+    from ldm.toy_build.ldm_training import train_toy_ldm
 
     ctx.metrics["ldm"] = train_toy_ldm(ctx.ldm_config, ctx.weights("ldm"), ctx.log)
 
@@ -204,7 +204,7 @@ def evaluate_ldm(ctx: Context) -> None:
     from ldm.models.loading import load_model
     from torchvision.utils import save_image
 
-    from ldm.toy.train_ldm import sample_unguided
+    from ldm.toy_build.ldm_training import sample_unguided
 
     n = ctx.config.get("ldm_eval", {}).get("n", 500)
     model = load_model(ctx.ldm_config, ctx.source("ldm"))
@@ -222,8 +222,8 @@ def evaluate_ldm(ctx: Context) -> None:
 
 @stage("taesd")
 def train_taesd(ctx: Context) -> None:
-    """The tiny TAESD-style decoder distilled from the toy first stage (ldm/toy/train_taesd.py)."""
-    from ldm.toy.train_taesd import DEFAULT_STEPS, train
+    """The tiny TAESD-style decoder distilled from the toy first stage (ldm/toy_build/taesd_training.py)."""
+    from ldm.toy_build.taesd_training import DEFAULT_STEPS, train
 
     steps = max(4, round(DEFAULT_STEPS * ctx.steps_scale))
     ctx.metrics["taesd"] = train(ctx.weights("taesd_decoder"), steps=steps,

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import world
-from .nets import HEAD_SPECS, SmallCNN, decode_head, encode_target, multitask_loss
-from .oracle import gaussian_blur, warp
+from ldm.toy import world
+from ldm.toy.nets import HEAD_SPECS, SmallCNN, decode_head, encode_target, multitask_loss
+from ldm.toy.oracle import gaussian_blur, warp
 
 # augmentation presets: maximum strength of each perturbation (drawn per image)
 AUGMENT = {
