@@ -128,7 +128,7 @@ def test_readme_is_a_landing_page_whose_links_resolve():
 
 
 def test_rebuilding_the_toy_models_never_replaces_the_shipped_ones_by_default(tmp_path, monkeypatch):
-    from ldm.toy import build
+    from ldm.toy_build import build
 
     shipped_samples = {p.name: p.stat().st_mtime_ns for p in shipped("data/toy").iterdir()}
     monkeypatch.chdir(tmp_path)
