@@ -256,7 +256,7 @@ def _my_jobs(shard: Shard, targets: list[Target], root: Path, options: RunOption
                          "several targets would mix their folders into it: choose another --optim_folder")
     jobs, skipped, blocked = [], [], []
     for target in targets:
-        folder = RunFolder(root / target.label)
+        folder = RunFolder(root / target.label, subfolder=True)
         status, detail = folder.status()
         if status == "finished" and not options.overwrite:
             skipped.append(target.label)
@@ -314,9 +314,11 @@ def _take_folder(job: Job, options: RunOptions, single: bool) -> None:
     folder.check_writable_names()
     job.created = folder.create()
     folder.lock()
-    if folder.status()[0] == "new":
-        folder.restore_set_aside()
+    folder.restore_set_aside()
     status, detail = folder.status()
+    if status == "partial" and not options.overwrite:
+        raise UsageError(f"{folder.path} holds {detail}; pass --overwrite to replace them, or choose "
+                         "another --optim_folder")
     if status == "finished" and not options.overwrite:
         raise UsageError(f"the run in {folder.path} is finished ({detail}); there is nothing to resume "
                          "(pass --overwrite instead of --resume to run it again)" if resume else

@@ -1,13 +1,16 @@
 """One run's folder: what it holds, who writes it, and every write into it.
 
-- Status: "new" (missing, or nothing of a run in it), "finished", "interrupted" (a resume
-  state, or metrics.json saying the run did not finish).
+- Status: "new" (missing, or no output file in it), "finished", "interrupted" (a resume
+  state, or metrics.json saying the run did not finish), "partial" (output names, e.g. a
+  log.txt, but no run to resume or keep: replaced only with --overwrite).
 - One writer at a time: a lock (`fcntl.flock` on `.lock`, released by the kernel when the
   process ends, however it ends); a second run into the folder is refused naming the first.
 - Nothing lost: finished or interrupted runs are not replaced unless asked; `--overwrite`
   moves the old outputs aside (`.overwritten/`) only once the new run has loaded its models and
-  targets, deletes them when the new run has results of its own, and puts them back if it fails.
-- Nothing written through a symbolic link, no output name taken by a folder.
+  targets, deletes them when the new run has results of its own, and puts them back if it fails
+  (or, after a kill, at the next start).
+- Nothing written through a symbolic link (an output name, `.overwritten`, a target's
+  subfolder), no output name taken by a folder.
 - Every image and JSON file is written atomically (ldm/files.py); `log.txt` is appended line
   by line (follow it with `tail -f`) and cut back to a resume state's length on resume.
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ldm.errors import InputError
-from ldm.files import atomic_write, atomic_write_text, is_temporary
+from ldm.files import atomic_write, atomic_write_text, fsync_folder, is_temporary
 from ldm.models.diffusion.sampler_state import BestImage, SamplerState
 from ldm.run_folder import names
 from ldm.run_folder.state_file import load_state, save_state
@@ -37,8 +40,10 @@ class RunFolderError(InputError):
 
 
 class RunFolder:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, subfolder: bool = False):
+        """`subfolder`: a target's folder inside a multi-target --optim_folder (never a link)."""
         self.path = Path(path)
+        self.subfolder = subfolder
         self._log = None
         self._lock = None
 
@@ -64,6 +69,9 @@ class RunFolder:
             return "interrupted", f"{metrics.name} says the run did not finish, and there is no {state.name}"
         if (self / names.FINAL).is_file():
             return "finished", names.FINAL   # e.g. a finished run of the reference code
+        found = [p.name for p in self.outputs()]
+        if found:   # a run killed before its first save, or the user's own files
+            return "partial", f"{', '.join(found[:3])} but no finished run or resume state"
         return "new", ""
 
     def outputs(self) -> list[Path]:
@@ -75,8 +83,15 @@ class RunFolder:
     def check_writable_names(self) -> None:
         """RunFolderError if an output name is a symbolic link or a folder (a write would go
         through the link, or fail after the run)."""
+        if self.subfolder and self.path.is_symlink():
+            raise RunFolderError(f"{self.path} is a symbolic link; a target's folder is never written "
+                                 "through a link: remove it or choose another --optim_folder")
         if not self.path.is_dir():
             return
+        aside = self / names.SET_ASIDE
+        if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+            raise RunFolderError(f"{aside} is not a folder of this tool (a link or a file); --overwrite "
+                                 "moves outputs into it: remove it or choose another --optim_folder")
         for path in [*self.outputs(), self / names.LOCK, *map(self.__truediv__, (names.LOG, names.METRICS,
                      names.FINAL, names.STATE, names.FEATURES))]:
             if path.is_symlink():
@@ -134,6 +149,8 @@ class RunFolder:
         aside.mkdir(exist_ok=True)
         for path in self.outputs():
             os.replace(path, aside / path.name)
+        (aside / names.SET_ASIDE_DONE).touch()
+        fsync_folder(aside)
         try:
             yield
         except kept_on:
@@ -141,21 +158,26 @@ class RunFolder:
             raise
         except BaseException:
             self.close_log()
-            for path in self.outputs():
-                path.unlink(missing_ok=True)
             self.restore_set_aside()
             raise
         shutil.rmtree(aside, ignore_errors=True)
 
     def restore_set_aside(self) -> bool:
-        """Put back outputs an interrupted `--overwrite` left aside (when the folder holds no run
-        of its own); → whether there were any."""
+        """Put back the outputs an `--overwrite` that failed or was killed left aside, removing
+        what the new run wrote since (if the move had finished; a move cut short leaves only old
+        outputs in the folder); → whether there were any."""
         aside = self / names.SET_ASIDE
-        if not aside.is_dir():
+        if not aside.is_dir() or aside.is_symlink():
             return False
+        done = aside / names.SET_ASIDE_DONE
+        if done.exists():
+            for path in self.outputs():
+                path.unlink(missing_ok=True)
+            done.unlink()
         for path in aside.iterdir():
             os.replace(path, self / path.name)
         aside.rmdir()
+        fsync_folder(self.path)
         return True
 
     # --- log ------------------------------------------------------------------------------
