@@ -29,12 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ldm.errors import InputError
-from ldm.extractors.preprocessing import to_rgb
+from ldm.images import IMAGE_SUFFIXES, ImageFileError, read_rgb
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FEATURE_SUFFIXES = {".npy", ".pt", ".pth", ".safetensors"}
 FUNCTIONS = ("image", "text", "features")
 
@@ -220,11 +219,9 @@ def read_image(path: str) -> Image.Image:
     """A target image as 8-bit RGB, upright (any mode, 16/32-bit, float, EXIF: `to_rgb`, which
     needs the file's own tags); TargetError naming the file if it is not a readable image."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise TargetError(f"{path!r} is not a readable image: {err}") from err
+        return read_rgb(path)
+    except ImageFileError as err:
+        raise TargetError(str(err)) from None
 
 
 def read_target_list(path: str) -> list[str]:

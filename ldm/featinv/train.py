@@ -26,8 +26,11 @@ import torch
 from ldm.checkpoint import CheckpointError
 from ldm.extractors import ExtractorSpecError, build_extractor, parse_spec
 from ldm.extractors.preprocessing import Preprocessing
+from ldm.files import atomic_write_text
 from ldm.featinv.data import ImageFolderPairs, ToyWorldPairs, list_images
-from ldm.featinv.decoder import FEATINV_PROMPT, DecoderRecord, new_decoder, save_decoder
+from ldm.featinv.checkpoint_io import SafeCheckpointIO
+from ldm.featinv.decoder import (FEATINV_PROMPT, MAX_HIDDEN_CHANNELS, DecoderRecord, new_decoder,
+                                 save_decoder)
 from ldm.featinv.hints import hint_shape
 from ldm.models.diffusion.controlled_ddpm import LATENT_DIFFUSION
 from ldm.models.loading import load_config
@@ -136,8 +139,15 @@ def check_options(opts: TrainOptions) -> None:
     for name in positive:
         if getattr(opts, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(opts, name)}")
-    if opts.lr <= 0 or opts.workers < 0 or not (opts.max_steps == -1 or opts.max_steps >= 1):
-        raise UsageError("--lr must be > 0, --workers >= 0, --max_steps >= 1 (or -1: epochs)")
+    if not 0 < opts.lr < float("inf"):
+        raise UsageError(f"--lr {opts.lr}: must be a finite number > 0 (FeatInv: 1e-5)")
+    if opts.workers < 0 or not (opts.max_steps == -1 or opts.max_steps >= 1):
+        raise UsageError("--workers must be >= 0, --max_steps >= 1 (or -1: epochs)")
+    if opts.hint_hidden_channels > MAX_HIDDEN_CHANNELS:
+        raise UsageError(f"--hint_hidden_channels {opts.hint_hidden_channels}: at most "
+                         f"{MAX_HIDDEN_CHANNELS} (FeatInv: 512)")
+    if Path(opts.out).exists() and not Path(opts.out).is_dir():
+        raise UsageError(f"--out {opts.out!r} is a file, not a folder: choose another --out")
     _check_extractor(opts.extractor, opts.spatial)
     if opts.data != TOY_DATA:
         if not Path(opts.data).is_dir():
@@ -154,7 +164,7 @@ def check_options(opts: TrainOptions) -> None:
                          f"not {target!r}")
     last = Path(opts.out) / LAST
     if opts.resume and not last.is_file():
-        raise UsageError(f"--resume: {last} does not exist")
+        raise UsageError(f"--resume: {last} " + ("is not a file" if last.exists() else "does not exist"))
     if not opts.resume and last.exists():
         raise UsageError(f"{opts.out} already holds a training ({LAST}): add --resume to "
                          "continue it, or choose another --out")
@@ -199,6 +209,7 @@ def _trainer(opts: TrainOptions):
         accelerator=opts.accelerator, devices=opts.devices, strategy=opts.strategy,
         precision=opts.precision, max_epochs=opts.epochs, max_steps=opts.max_steps,
         default_root_dir=opts.out, logger=CSVLogger(opts.out, name="log"),
+        plugins=[SafeCheckpointIO()],
         callbacks=[ModelCheckpoint(dirpath=opts.out, save_last=True, save_top_k=0,
                                    every_n_train_steps=opts.checkpoint_every),
                    LearningRateMonitor(logging_interval="step")],
@@ -239,7 +250,7 @@ def run(opts: TrainOptions):
     extractor = build_extractor(opts.extractor, weights=opts.extractor_weights,
                                 spatial=opts.spatial)
     record = _record(opts, extractor, base_config)
-    model = new_decoder(record, opts.ckpt)
+    model = new_decoder(record, opts.ckpt, opts.base)
     module = FeatInvTraining(model, extractor, record, lr=opts.lr, lr_schedule=opts.lr_schedule)
     resolution = model.image_size * model.latent_downsample_factor
     train_loader, val_loader = _loaders(opts, resolution, extractor.preprocessing)
@@ -258,7 +269,7 @@ def run(opts: TrainOptions):
     if trainer.is_global_zero:   # the one process that writes files (and the CSV log)
         summary["train/loss_recent"] = recent_mean(logged(out, "train/loss"))
         save_decoder(model, record, out / DECODER)
-        (out / "decoder.json").write_text(json.dumps(
+        atomic_write_text(out / "decoder.json", json.dumps(
             {"record": json.loads(record.to_json()), "options": asdict(opts), "summary": summary},
             indent=1))
     return module, summary
