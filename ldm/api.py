@@ -284,7 +284,8 @@ class FeatureDecoder:
                     objective = model.objective
                 return sample_featinv(model, objective, shape, generators, steps=self.trained.steps,
                                       on_record=sampler_options.get("on_record"),
-                                      progress=sampler_options.get("progress", True))
+                                      progress=sampler_options.get("progress", True),
+                                      should_stop=sampler_options.get("should_stop"))
         return sample_feature_guided(model, self.cond, objective, self.settings, shape,
                                      generators, precision=self.precision,
                                      gradient_decoder=self.gradient_decoder, **sampler_options)

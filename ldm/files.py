@@ -4,12 +4,14 @@ flush the folder. Temporary names are unique per process and per call, hidden, a
 `.tmp` (never matching an output pattern such as `*.png`)."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 TEMPORARY_SUFFIX = ".tmp"
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})   # no space, quota, file size limit
 
 
 def fsync_folder(folder: Path) -> None:

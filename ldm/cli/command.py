@@ -450,7 +450,7 @@ def _decode_all(plan: Plan, jobs: list[Job], decoder: FeatureDecoder) -> list[di
     with StopOnSignals() as stop, ExitStack() as replacing:
         for job in jobs:   # --overwrite: the old outputs go aside now that everything has loaded
             if options.overwrite and job.status != "new":
-                replacing.enter_context(job.folder.replacing_outputs(kept_on=(RunStopped,)))
+                replacing.enter_context(job.folder.replacing_outputs(kept=lambda e: isinstance(e, RunStopped) and e.saved))
         ctx = RunContext(options, plan.settings, decoder, plan.device, plan.argv, plan.resume_command,
                          stop, plan.prefix, extractor_details(decoder.extractor, options))
         for n, batch in enumerate(batches):

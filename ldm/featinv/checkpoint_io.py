@@ -1,18 +1,20 @@
 """Lightning's `last.ckpt` of a FeatInv training, read and written the project's way: read by
 the weights-only loader of ldm/checkpoint.py (a hostile or damaged file is one error line),
 its layout checked before Lightning reads it; written atomically (ldm/files.py). A full disk
-while writing it is a warning: the previous `last.ckpt` is intact and training goes on."""
+while writing it is a warning: the previous `last.ckpt` is intact and training goes on. SIGTERM
+saves it before the training stops."""
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 
 import torch
+from pytorch_lightning import Callback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.checkpoint import CheckpointError, load_pickled
-from ldm.files import atomic_write
+from ldm.files import DISK_FULL, atomic_write
 
 TRAINED = "model.control_model."   # the trained parameters' keys in the module's state_dict
 # What Lightning reads back from a checkpoint, and their types.
@@ -45,7 +47,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         try:
             atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
         except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if err.errno not in DISK_FULL:
                 raise
             print(f"warning: could not write {path} ({err.strerror}); the previous {path.name} is "
                   "intact; training goes on", file=sys.stderr)
@@ -54,3 +56,15 @@ class SafeCheckpointIO(TorchCheckpointIO):
         checkpoint = load_pickled(Path(path))   # always weights-only
         check_training_checkpoint(path, checkpoint)
         return checkpoint
+
+
+class SaveOnSigterm(Callback):
+    """SIGTERM (a cluster scheduler's stop): Lightning stops at the next step boundary with
+    SIGTERMException; this saves `path` (last.ckpt) first, so that --resume continues there."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)

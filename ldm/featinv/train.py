@@ -24,18 +24,17 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoint import CheckpointError
+from ldm.errors import InputError
 from ldm.extractors import ExtractorSpecError, build_extractor, parse_spec
 from ldm.extractors.preprocessing import Preprocessing
-from ldm.files import atomic_write_text
 from ldm.featinv.data import ImageFolderPairs, ToyWorldPairs, list_images
-from ldm.featinv.checkpoint_io import SafeCheckpointIO
 from ldm.featinv.decoder import (FEATINV_PROMPT, MAX_HIDDEN_CHANNELS, DecoderRecord, new_decoder,
                                  save_decoder)
 from ldm.featinv.hints import hint_shape
+from ldm.files import DISK_FULL, atomic_write_text
 from ldm.models.diffusion.controlled_ddpm import LATENT_DIFFUSION
 from ldm.models.loading import load_config
 from ldm.paths import ROOT
-from ldm.util import ConfigError
 
 TOY_DATA = "toy"
 TOY_TRAIN_SEED, TOY_VAL_SEED = 40, 41   # no other toy data set uses these
@@ -46,6 +45,10 @@ PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
 
 class UsageError(Exception):
     """A bad flag or input, printed without a traceback."""
+
+
+class TrainingStopped(Exception):
+    """SIGTERM stopped the training after saving last.ckpt."""
 
 
 class ResumeMismatchError(ValueError):
@@ -205,6 +208,8 @@ def _trainer(opts: TrainOptions):
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
+    from ldm.featinv.checkpoint_io import SafeCheckpointIO, SaveOnSigterm
+
     return pl.Trainer(
         accelerator=opts.accelerator, devices=opts.devices, strategy=opts.strategy,
         precision=opts.precision, max_epochs=opts.epochs, max_steps=opts.max_steps,
@@ -212,7 +217,7 @@ def _trainer(opts: TrainOptions):
         plugins=[SafeCheckpointIO()],
         callbacks=[ModelCheckpoint(dirpath=opts.out, save_last=True, save_top_k=0,
                                    every_n_train_steps=opts.checkpoint_every),
-                   LearningRateMonitor(logging_interval="step")],
+                   LearningRateMonitor(logging_interval="step"), SaveOnSigterm(Path(opts.out) / LAST)],
         val_check_interval=opts.val_every, check_val_every_n_epoch=None,
         log_every_n_steps=opts.log_every, num_sanity_val_steps=0,
         enable_progress_bar=opts.progress, enable_model_summary=False)
@@ -241,6 +246,7 @@ def run(opts: TrainOptions):
     """Train (or continue) the decoder of `opts`; → (the FeatInvTraining module, a summary)."""
     check_options(opts)
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from ldm.featinv.training import FeatInvTraining
 
@@ -260,8 +266,12 @@ def run(opts: TrainOptions):
         # the frozen base model and extractor are in eval mode on purpose
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
         # Lightning's checkpoints hold plain data only: read them with weights_only=True
-        trainer.fit(module, train_loader, val_loader, weights_only=True,
-                    ckpt_path=out / LAST if opts.resume else None)
+        try:
+            trainer.fit(module, train_loader, val_loader, weights_only=True,
+                        ckpt_path=out / LAST if opts.resume else None)
+        except SIGTERMException:
+            raise TrainingStopped(f"stopped by SIGTERM after step {trainer.global_step}; saved "
+                                  f"{out / LAST}: continue with --resume") from None
     if trainer.global_step % opts.checkpoint_every:   # Lightning's last save was earlier
         trainer.save_checkpoint(out / LAST, weights_only=False)
     summary = {"steps": trainer.global_step, "seconds": round(time.perf_counter() - start, 1),
@@ -291,9 +301,18 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     try:
         _, summary = run(opts)
-    except (UsageError, ConfigError, CheckpointError, ExtractorSpecError,
+    except TrainingStopped as e:
+        print(e, file=sys.stderr)
+        return 143
+    except (UsageError, InputError, CheckpointError, ExtractorSpecError,
             ResumeMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print(f"error: cannot write {e.filename or opts.out} ({e.strerror}): free some space, then "
+              "continue with --resume", file=sys.stderr)
         return 2
     print(json.dumps(summary))
     return 0

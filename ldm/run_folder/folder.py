@@ -23,6 +23,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -141,9 +142,9 @@ class RunFolder:
             self._lock = None
 
     @contextmanager
-    def replacing_outputs(self, kept_on: tuple[type[BaseException], ...] = ()):
-        """`--overwrite`: move this folder's outputs aside for the block. If it raises (other
-        than `kept_on`: a stop that saved the new run's state), the new run's outputs are
+    def replacing_outputs(self, kept: Callable[[BaseException], bool] = lambda error: False):
+        """`--overwrite`: move this folder's outputs aside for the block. If it raises (unless
+        `kept(error)`: a stop that saved the new run's state), the new run's outputs are
         removed and the old ones come back; otherwise the old ones are deleted."""
         aside = self / names.SET_ASIDE
         aside.mkdir(exist_ok=True)
@@ -153,12 +154,12 @@ class RunFolder:
         fsync_folder(aside)
         try:
             yield
-        except kept_on:
-            shutil.rmtree(aside, ignore_errors=True)
-            raise
-        except BaseException:
-            self.close_log()
-            self.restore_set_aside()
+        except BaseException as error:
+            if kept(error):
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                self.close_log()
+                self.restore_set_aside()
             raise
         shutil.rmtree(aside, ignore_errors=True)
 
