@@ -79,9 +79,46 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-def _parse(expression: str) -> ast.Expression:
+# Bounds of a target expression (Python's parser and our evaluation recurse; numbers become floats).
+MAX_EXPRESSION_CHARS, MAX_EXPRESSION_NODES, MAX_EXPRESSION_DEPTH = 20_000, 1_000, 100
+MAX_NUMBER = 1e12
+
+
+def _check_size(expression: str) -> None:
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise TargetError(f"target expression of {len(expression):,} characters: at most "
+                          f"{MAX_EXPRESSION_CHARS:,} (average many images into a feature file instead)")
+
+
+def _check_shape(expression: str, tree: ast.AST) -> None:
+    """TargetError for a tree of more than MAX_EXPRESSION_NODES nodes or MAX_EXPRESSION_DEPTH
+    levels (walked without recursion)."""
+    stack, nodes = [(tree, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_EXPRESSION_DEPTH or nodes > MAX_EXPRESSION_NODES:
+            raise TargetError(f"target expression {expression[:80]!r}...: more than {MAX_EXPRESSION_DEPTH} "
+                              f"levels of nesting or {MAX_EXPRESSION_NODES:,} parts, the most a target "
+                              "expression may have (average many images into a feature file instead)")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+
+
+def _parse_bounded(expression: str) -> ast.Expression:
+    """ast.parse of an expression within the bounds above; SyntaxError as ast.parse raises it."""
+    _check_size(expression)
     try:
         tree = ast.parse(expression.strip(), mode="eval")
+    except (RecursionError, MemoryError):
+        raise TargetError(f"target expression {expression[:80]!r}...: nested too deeply to parse (at "
+                          f"most {MAX_EXPRESSION_DEPTH} levels)") from None
+    _check_shape(expression, tree)
+    return tree
+
+
+def _parse(expression: str) -> ast.Expression:
+    try:
+        tree = _parse_bounded(expression)
     except SyntaxError as err:
         raise TargetError(f"target expression {expression!r} does not parse: {err.msg}") from None
     called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
@@ -101,6 +138,9 @@ def _parse(expression: str) -> ast.Expression:
                               "(only image/text/features terms, numbers, + - * / and parentheses)")
         elif isinstance(node, ast.Constant) and not isinstance(node.value, (int, float, str)):
             raise TargetError(f"target expression {expression!r}: constant {node.value!r} is not a number")
+        elif isinstance(node, ast.Constant) and not isinstance(node.value, str) and not abs(node.value) <= MAX_NUMBER:
+            raise TargetError(f"target expression {expression[:80]!r}: the number {str(node.value)[:40]} is "
+                              f"out of range (at most {MAX_NUMBER:g} in size)")
         elif isinstance(node, ast.Name) and node.id not in FUNCTIONS:
             raise TargetError(f"target expression {expression!r}: unknown name {node.id!r} (terms are "
                               "image(\"path\"), text(\"prompt\"), features(\"path\"))")
@@ -149,7 +189,7 @@ def parse_target(spec: str, text_only: bool = False) -> Target:
         return Target("text", spec, _label("text", spec))
     if _looks_like_expression(spec):
         try:
-            ast.parse(spec.strip(), mode="eval")
+            _parse_bounded(spec)
         except SyntaxError as err:   # "a photo of an image (blurry)" is a caption, not Python
             warnings.warn(f"{spec!r} is read as a text prompt: it is not a target expression "
                           f"({err.msg})", stacklevel=2)

@@ -382,8 +382,9 @@ def _load_models(plan: Plan, jobs: list[Job]) -> FeatureDecoder:
     model, extractor = prepare(model, extractor, compile=o.compile, grad_checkpoint=o.grad_checkpoint)
     tiny = None
     if o.gradient_decoder:
-        from ldm.models.taesd import TinyFirstStage, load_taesd_decoder
+        from ldm.models.taesd import TinyFirstStage, check_fits, load_taesd_decoder
         tiny = TinyFirstStage(load_taesd_decoder(o.gradient_decoder, device=plan.device))
+        check_fits(tiny.decoder.config, model.channels, model.latent_downsample_factor, o.gradient_decoder)
     decoder = FeatureDecoder(model, extractor, plan.settings, loss=o.loss, channels=o.channels,
                              precision=o.precision, gradient_decoder=tiny, trained=trained)
     for job in jobs:
