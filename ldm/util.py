@@ -55,26 +55,37 @@ class ConfigError(InputError):
     """A model config that cannot be used; the message names the problem and the fix."""
 
 
-def config_targets(config, path: str = "config") -> list[tuple[str, str]]:
-    """Every (where, target) that building `config` would build, nested configs included."""
+def _target_nodes(config, path: str) -> list[tuple[str, dict]]:
+    """Every (where, node with a `target:`) that building `config` would build."""
     found = []
     if isinstance(config, dict):
         if "target" in config:
-            found.append((path, config["target"]))
+            found.append((path, config))
         for key, value in config.items():
             if key not in TRAINING_ONLY:
-                found += config_targets(value, f"{path}.{key}")
+                found += _target_nodes(value, f"{path}.{key}")
     elif isinstance(config, list):
         for k, value in enumerate(config):
-            found += config_targets(value, f"{path}[{k}]")
+            found += _target_nodes(value, f"{path}[{k}]")
     return found
 
 
+def config_targets(config, path: str = "config") -> list[tuple[str, str]]:
+    """Every (where, target) that building `config` would build, nested configs included."""
+    return [(where, node["target"]) for where, node in _target_nodes(config, path)]
+
+
 def check_config(config, path: str = "config") -> None:
-    """ConfigError naming the first `target:` that is not one of the project's classes, or the
-    first size out of bounds (check_config_sizes)."""
+    """ConfigError naming the first `target:` that is not one of the project's classes, the
+    first size out of bounds (check_config_sizes) or a keyword a class does not take."""
     check_config_targets(config, path)
-    check_config_sizes(_plain(config), path)
+    plain = _plain(config)
+    check_config_sizes(plain, path)
+    for where, node in _target_nodes(plain, path):
+        params = node.get("params") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}.params must be a mapping, got {params!r:.100}")
+        _check_keywords(get_class(node["target"]), params, where)
 
 
 def check_config_targets(config, path: str = "config") -> None:
@@ -118,15 +129,19 @@ def check_config_sizes(config, path: str = "config") -> None:
             check_config_sizes(value, where)
 
 
-def _check_keywords(cls, params: dict, target: str) -> None:
-    """ConfigError for a keyword that `cls` does not take (rather than a TypeError inside it)."""
-    parameters = inspect.signature(cls).parameters.values()
+def _check_keywords(cls, params: dict, where: str) -> None:
+    """ConfigError for a keyword that `cls` does not take (rather than a TypeError inside it).
+    A class whose `**options` go on to another callable names it as `OPTIONS_OF`."""
+    parameters = list(inspect.signature(cls).parameters.values())
+    if hasattr(cls, "OPTIONS_OF"):
+        parameters = [p for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        parameters += inspect.signature(cls.OPTIONS_OF).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
     unknown = sorted(set(params) - {p.name for p in parameters})
     if unknown:
-        raise ConfigError(f"the params of {target} hold {', '.join(map(repr, unknown))}, which it does not "
-                          "take: remove them from the config")
+        raise ConfigError(f"{where}.params holds {', '.join(map(repr, unknown))}, which {cls.__name__} "
+                          "does not take: remove it from the config")
 
 
 def _plain(config):
@@ -152,12 +167,7 @@ def instantiate_from_config(config):
     if not isinstance(config, dict) or "target" not in config:
         raise ConfigError(f"expected a config with a `target:` key, got {config!r}")
     check_config(config)
-    params = config.get("params", {}) or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"the params of {config['target']} must be a mapping, got {params!r}")
-    cls = get_class(config["target"])
-    _check_keywords(cls, params, config["target"])
-    return cls(**params)
+    return get_class(config["target"])(**(config.get("params") or {}))
 
 
 def count_params(module) -> int:
