@@ -2,6 +2,7 @@
 `.overwritten` that is a link, a folder holding a log.txt of someone else's, a target's subfolder
 that is a link, and an `--overwrite` killed after its new run had written files."""
 import json
+import signal
 import os
 
 import pytest
@@ -78,3 +79,46 @@ def test_a_killed_overwrite_gives_the_finished_run_back(sd_files, tmp_path, caps
     assert code == 2 and "already holds a finished run" in err, err
     assert snapshot(folder) == before and not aside.exists()
     assert json.loads((folder / names.METRICS).read_text())["finished"] is True
+
+
+# --- crafted resume states --------------------------------------------------------------------
+
+def edit_state(path, change) -> None:
+    """Rewrite a state file with `change(sampler, run)` applied to its JSON records."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    sampler, run = json.loads(metadata["sampler"]), json.loads(metadata["run"])
+    change(sampler, run)
+    save_file(tensors, str(path), metadata={**metadata, "sampler": json.dumps(sampler), "run": json.dumps(run)})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s, r: s["best"][0].update(score=float("nan")), "best.0 has the score nan"),
+    (lambda s, r: s["best"][0].update(score="high"), "could not convert string to float: 'high'"),
+    (lambda s, r: r.update(log_bytes=-1), "log_bytes is -1"),
+    (lambda s, r: r.update(elapsed_s="x"), "elapsed_s is 'x'"),
+    (lambda s, r: r.update(resumes=5), "resumes is 5"),
+    (lambda s, r: r.update(fingerprint=[1]), "fingerprint is [1]"),
+])
+def test_crafted_resume_states_are_refused(sd_files, tmp_path, capsys, monkeypatch, change, message):
+    from ldm.cli.signals import StopOnSignals
+    folder = tmp_path / "out"
+    polls = {"n": 0}
+
+    def stop(self):
+        polls["n"] += 1
+        if polls["n"] > 3:
+            self.signum = signal.SIGINT
+        return self.signum is not None
+
+    args = tiny_args(sd_files, folder, "--optim_forward_guidance", "--optim_timesteps", "6")
+    with monkeypatch.context() as m:
+        m.setattr(StopOnSignals, "__call__", stop)
+        assert run_cli(TinyExtractor, args, capsys)[0] == 130
+    edit_state(folder / names.STATE, change)
+    before = snapshot(folder)
+    code, _, err = run_cli(TinyExtractor, [*args, "--resume"], capsys)
+    assert code == 2 and "cannot resume" in err and message in err, err
+    assert snapshot(folder) == before

@@ -26,6 +26,7 @@ from ldm.models.diffusion.feature_guidance import GuidanceSettings, check_state
 from ldm.models.loading import image_multiple, load_config, load_model
 from ldm.performance import prepare
 from ldm.run_folder import RunFolder, RunStateError, fingerprint as fp, names, peek_run
+from ldm.run_folder.state_file import run_problems
 from ldm.run_folder.metrics import write_index
 from ldm.sharding import Shard, barrier, current_shard, from_rank0, gather, init_group, leave_group
 from ldm.targets import Target, TargetError, expand_targets, read_image, read_target_list
@@ -349,6 +350,9 @@ def _load_resume_state(job: Job, plan: Plan) -> None:
         state, saved = job.folder.read_state()
     except RunStateError as err:
         raise UsageError(f"cannot resume{where}: {err}{again}") from None
+    if run_problems(saved):
+        raise UsageError(f"cannot resume{where}: {names.STATE} is a damaged resume state: "
+                         + "; ".join(run_problems(saved)) + again)
     differences = fp.differences(saved.get("fingerprint") or {}, job.fingerprint)
     if differences:
         raise UsageError(f"cannot resume{where}: " + "; ".join(differences) + " (resume with the "
@@ -357,7 +361,7 @@ def _load_resume_state(job: Job, plan: Plan) -> None:
         check_state(state, plan.settings, plan.timesteps, (1, *plan.latent))
     except ValueError as err:
         raise UsageError(f"cannot resume{where}: {err}{again}") from None
-    if not isinstance(saved.get("log_bytes"), int) or saved["log_bytes"] > job.folder.log_length():
+    if saved["log_bytes"] > job.folder.log_length():
         raise UsageError(f"cannot resume{where}: {names.LOG} is shorter than when the resume state "
                          f"was saved (its earlier lines are missing){again}")
     job.state, job.saved = state, saved
