@@ -30,7 +30,7 @@ def link_aside(folder, elsewhere):
 
 def own_log(folder, elsewhere):
     (folder / names.LOG).write_text("my notes\n")
-    return [], "log.txt but no finished run or resume state; pass --overwrite"
+    return [], "log.txt but no run of this tool (a run writes target_features.safetensors first); pass --overwrite"
 
 
 def linked_subfolder(folder, elsewhere):

@@ -1,8 +1,9 @@
 """One run's folder: what it holds, who writes it, and every write into it.
 
-- Status: "new" (missing, or no output file in it), "finished", "interrupted" (a resume
-  state, or metrics.json saying the run did not finish), "partial" (output names, e.g. a
-  log.txt, but no run to resume or keep: replaced only with --overwrite).
+- Status: "new" (missing, empty, or what a run killed before its first resume state left),
+  "finished", "interrupted" (a resume state, or metrics.json saying the run did not finish),
+  "partial" (output names, e.g. a log.txt, but not of a run of this tool: replaced only with
+  --overwrite).
 - One writer at a time: a lock (`fcntl.flock` on `.lock`, released by the kernel when the
   process ends, however it ends); a second run into the folder is refused naming the first.
 - Nothing lost: finished or interrupted runs are not replaced unless asked; `--overwrite`
@@ -71,9 +72,10 @@ class RunFolder:
         if (self / names.FINAL).is_file():
             return "finished", names.FINAL   # e.g. a finished run of the reference code
         found = [p.name for p in self.outputs()]
-        if found:   # a run killed before its first save, or the user's own files
-            return "partial", f"{', '.join(found[:3])} but no finished run or resume state"
-        return "new", ""
+        if found and not (self / names.FEATURES).is_file():   # a run writes it first: not a run's
+            return "partial", (f"{', '.join(found[:3])} but no run of this tool (a run writes "
+                               f"{names.FEATURES} first)")
+        return "new", ""   # or what a run killed before its first resume state left: replaced
 
     def outputs(self) -> list[Path]:
         """This tool's output files in the folder (what --overwrite replaces)."""
