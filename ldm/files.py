@@ -10,8 +10,28 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ldm.errors import InputError
+
 TEMPORARY_SUFFIX = ".tmp"
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})   # no space, quota, file size limit
+
+
+NAME_MAX, PATH_MAX = 255, 4095   # bytes, as Linux file systems take them
+
+
+def check_path_name(path: str | Path, what: str) -> None:
+    """InputError for a path that cannot be written or recorded: not UTF-8 (it goes into logs
+    and JSON files), a component over NAME_MAX bytes, or more than PATH_MAX bytes in all."""
+    text = str(path)
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} {text.encode('utf-8', 'backslashreplace').decode()[:200]!r}: the name "
+                         "is not valid UTF-8 (it is recorded in log.txt and metrics.json): rename it") from None
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > NAME_MAX or len(raw) > PATH_MAX:
+        raise InputError(f"{what} {text[:80]!r}...: {len(longest)} bytes in one name or {len(raw)} in all, "
+                         f"more than a file system takes ({NAME_MAX} and {PATH_MAX}): choose a shorter one")
 
 
 def fsync_folder(folder: Path) -> None:

@@ -82,6 +82,7 @@ def _is_dir(path: Path) -> bool:
 # Bounds of a target expression (Python's parser and our evaluation recurse; numbers become floats).
 MAX_EXPRESSION_CHARS, MAX_EXPRESSION_NODES, MAX_EXPRESSION_DEPTH = 20_000, 1_000, 100
 MAX_NUMBER = 1e12
+MAX_TARGET_LIST_BYTES = 16 * 2 ** 20
 
 
 def _check_size(expression: str) -> None:
@@ -185,6 +186,11 @@ def parse_target(spec: str, text_only: bool = False) -> Target:
     if not isinstance(spec, str) or not spec.strip():
         raise TargetError(f"empty target {spec!r}: give an image path, a feature file, an expression "
                           "or a text prompt")
+    try:
+        spec.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TargetError(f"target {spec.encode('utf-8', 'backslashreplace').decode()[:200]!r} is not valid "
+                          "UTF-8 (a file name of other bytes): rename the file") from None
     if text_only:
         return Target("text", spec, _label("text", spec))
     if _looks_like_expression(spec):
@@ -266,6 +272,9 @@ def read_image(path: str) -> Image.Image:
 
 def read_target_list(path: str) -> list[str]:
     """A text file with one target per line (blank lines and lines starting with # skipped)."""
+    if not _is_file(Path(path)) or Path(path).stat().st_size > MAX_TARGET_LIST_BYTES:
+        raise TargetError(f"the target list {path!r} is not a regular file of at most "
+                          f"{MAX_TARGET_LIST_BYTES // 2 ** 20} MiB")
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:

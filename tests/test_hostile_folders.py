@@ -122,3 +122,26 @@ def test_crafted_resume_states_are_refused(sd_files, tmp_path, capsys, monkeypat
     code, _, err = run_cli(TinyExtractor, [*args, "--resume"], capsys)
     assert code == 2 and "cannot resume" in err and message in err, err
     assert snapshot(folder) == before
+
+
+# --- names and paths, and inputs that would never end ---------------------------------------
+
+@pytest.mark.parametrize("where, value, message", [
+    ("--optim_folder", "x" * 300, "300 bytes in one name"),
+    ("--optim_folder", "/".join(["y" * 200] * 25), "5024 in all, more than a file system takes"),
+    ("--optim_folder", os.fsdecode(b"runs/\xff\xfe"), "the name is not valid UTF-8"),
+    ("--prompt", os.fsdecode(b"/tmp/\xff.png"), "is not valid UTF-8 (a file name of other bytes)"),
+    ("--prompt_file", "/dev/zero", "is not a regular file of at most 16 MiB"),
+    ("--H", "65536", "--H: 65536 is not from 1 to 8,192"),
+])
+def test_names_paths_and_endless_inputs_are_one_error_line(sd_files, tmp_path, capsys, monkeypatch,
+                                                           where, value, message):
+    monkeypatch.chdir(tmp_path)
+    args = tiny_args(sd_files, tmp_path / "out", *FAST)
+    if where == "--prompt_file":
+        args = args[:args.index("--prompt")] + args[args.index("--prompt") + 2:] + [where, value]
+    else:
+        args[args.index(where) + 1] = value
+    code, _, err = run_cli(TinyExtractor, args, capsys)
+    assert code == 2 and err.startswith("error:") and message in err, err
+    assert not any(tmp_path.iterdir())

@@ -22,12 +22,13 @@ from ldm.cli.signals import StopOnSignals
 from ldm.errors import InputError, SettingError
 from ldm.extractors import FeatureExtractor, build_extractor, parse_spec
 from ldm.extractors.weights import weights_kind
+from ldm.files import check_path_name
 from ldm.models.diffusion.feature_guidance import GuidanceSettings, check_state
 from ldm.models.loading import image_multiple, load_config, load_model
 from ldm.performance import prepare
 from ldm.run_folder import RunFolder, RunStateError, fingerprint as fp, names, peek_run
-from ldm.run_folder.state_file import run_problems
 from ldm.run_folder.metrics import write_index
+from ldm.run_folder.state_file import run_problems
 from ldm.sharding import Shard, barrier, current_shard, from_rank0, gather, init_group, leave_group
 from ldm.targets import Target, TargetError, expand_targets, read_image, read_target_list
 
@@ -189,6 +190,7 @@ def make_plan(extractor, options: RunOptions, *, text_only: bool, ckpt_hint: str
     """Every check that can run before a model loads: flags, device, target model and layer
     (on the meta device), targets, config, weight files."""
     options.check()
+    check_path_name(options.optim_folder, "--optim_folder")
     settings = options.settings()
     if options.threads:
         torch.set_num_threads(options.threads)
