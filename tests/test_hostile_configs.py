@@ -115,3 +115,11 @@ def test_make_tiny_sd_refuses_an_empty_or_huge_schedule(tmp_path, capsys, value)
     assert raised.value.code == 2
     assert f"error: --timesteps {value}: must be from 1 to 100,000" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("file", ["featinv_all_spatial.safetensors", "ldm.safetensors"])
+def test_extractor_weights_of_another_network_are_refused(file):
+    from ldm.paths import shipped
+    from ldm.toy.nets import load_net
+    with pytest.raises(CheckpointError, match="is not a toy network's weights"):
+        load_net(str(shipped("models/toy") / file))

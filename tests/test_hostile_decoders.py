@@ -166,3 +166,16 @@ def test_figures_draw_only_the_run_folders_own_images(finished_run, tmp_path, ke
     (run / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(RunFolderError, match="which is not a file of the run folder"):
         load_run(run)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cell", "200000"], "--cell 200000: the side of a cell is from 16 to 2,048 pixels"),
+    (["--out", "/proc/mosaic.png"], "error: cannot write --out /proc/mosaic.png"),
+])
+def test_figure_flags_that_cannot_work_are_one_error_line(finished_run, tmp_path, capsys, extra, message):
+    from ldm.cli.figures import main as make_figure
+    args = [str(finished_run), "--out", str(tmp_path / "mosaic.png"), *extra]
+    assert make_figure(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "mosaic.png").exists()
