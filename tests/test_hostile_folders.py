@@ -145,3 +145,17 @@ def test_names_paths_and_endless_inputs_are_one_error_line(sd_files, tmp_path, c
     code, _, err = run_cli(TinyExtractor, args, capsys)
     assert code == 2 and err.startswith("error:") and message in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_two_runs_started_into_one_new_folder_at_once(sd_files, tmp_path, capsys, monkeypatch):
+    """Both saw the folder missing; the one that lost the lock leaves the winner's folder alone."""
+    folder = RunFolder(tmp_path / "out")
+    folder.create()
+    folder.lock()                                   # the winner
+    monkeypatch.setattr(RunFolder, "create", lambda self: True)
+    try:
+        code, _, err = run_cli(TinyExtractor, tiny_args(sd_files, folder.path, *FAST), capsys)
+        assert code == 2 and "is being written by process" in err, err
+        assert (folder / names.LOCK).is_file()
+    finally:
+        folder.unlock()

@@ -407,10 +407,11 @@ def _load_models(plan: Plan, jobs: list[Job]) -> FeatureDecoder:
 
 
 def _release(jobs: list[Job], failed: bool) -> None:
-    """Unlock every folder taken; a run that failed before writing leaves no empty folder."""
+    """Unlock every folder taken; a run that failed before writing leaves no empty folder (only
+    if it held the folder: two runs may both have seen it missing)."""
     for job in jobs:
-        job.folder.unlock()
-        if failed and job.created and [p.name for p in job.folder.path.iterdir()] == [names.LOCK]:
+        held = job.folder.unlock()
+        if failed and held and job.created and [p.name for p in job.folder.path.iterdir()] == [names.LOCK]:
             (job.folder / names.LOCK).unlink()
             job.folder.path.rmdir()
 

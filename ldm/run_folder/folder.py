@@ -138,10 +138,13 @@ class RunFolder:
                        f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)[:300]})").encode(), 0)
         self._lock = fd
 
-    def unlock(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)   # closing the descriptor releases the flock
-            self._lock = None
+    def unlock(self) -> bool:
+        """Release the folder; → whether this process held it."""
+        if self._lock is None:
+            return False
+        os.close(self._lock)   # closing the descriptor releases the flock
+        self._lock = None
+        return True
 
     @contextmanager
     def replacing_outputs(self, kept: Callable[[BaseException], bool] = lambda error: False):
