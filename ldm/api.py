@@ -238,7 +238,7 @@ class FeatureDecoder:
         the compared channels)."""
         goal = self.targets(target)
         try:
-            check_target(goal, self.channels)
+            check_target(goal, self.channels, model=self.extractor)
         except ValueError as err:
             raise TargetError(f"{_describe(target)}: {err}") from None
         return goal

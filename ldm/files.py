@@ -34,6 +34,19 @@ def check_path_name(path: str | Path, what: str) -> None:
                          f"more than a file system takes ({NAME_MAX} and {PATH_MAX}): choose a shorter one")
 
 
+def not_a_file(path: str | Path) -> str | None:
+    """Why `path` is not a regular file to read ("no such file", "a folder, not a file", ...),
+    or None if it is one."""
+    try:
+        if Path(path).is_file():
+            return None
+        if Path(path).is_dir():
+            return "a folder, not a file"
+        return "not a regular file" if Path(path).exists() else "no such file"
+    except (OSError, ValueError):   # a name over the file system's limits, a NUL byte
+        return "no such file"
+
+
 def fsync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

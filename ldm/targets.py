@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from ldm.errors import InputError
+from ldm.files import not_a_file
 from ldm.images import IMAGE_SUFFIXES, ImageFileError, read_rgb
 
 FEATURE_SUFFIXES = {".npy", ".pt", ".pth", ".safetensors"}
@@ -213,13 +214,15 @@ def parse_target(spec: str, text_only: bool = False) -> Target:
         return Target(kind, str(path), _label(kind, str(path)))
     if suffix in IMAGE_SUFFIXES | FEATURE_SUFFIXES:
         what = "an image" if suffix in IMAGE_SUFFIXES else "a feature file"
-        raise TargetError(f"target {spec!r} looks like {what} path, but no such file exists")
+        problem = not_a_file(path)
+        raise TargetError(f"target {spec!r} looks like {what} path, but no such file exists"
+                          if problem == "no such file" else f"target {spec!r}: {problem}")
     return Target("text", spec, _label("text", spec))
 
 
 def _check_file(path: str, kind: str) -> None:
-    if not _is_file(Path(path).expanduser()):
-        raise TargetError(f"{kind}({path!r}): no such file")
+    if not_a_file(Path(path).expanduser()):
+        raise TargetError(f"{kind}({path!r}): {not_a_file(Path(path).expanduser())}")
 
 
 def expand_targets(specs: list[str], text_only: bool = False) -> list[Target]:

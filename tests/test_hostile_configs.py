@@ -4,6 +4,7 @@ schedule. Each is one clear error naming the value and its bounds."""
 import json
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -123,3 +124,16 @@ def test_extractor_weights_of_another_network_are_refused(file):
     from ldm.toy.nets import load_net
     with pytest.raises(CheckpointError, match="is not a toy network's weights"):
         load_net(str(shipped("models/toy") / file))
+
+
+def test_nan_weights_are_blamed_not_the_target():
+    from ldm.objectives import check_target
+    from tiny_models import TinyExtractor
+    extractor = TinyExtractor()
+    with torch.no_grad():
+        extractor.net[0].weight.fill_(float("nan"))
+    feature = extractor.encode(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"the target model's weights hold NaN or inf values \(net.0.weight\)"):
+        check_target(feature, model=extractor)
+    with pytest.raises(ValueError, match="the target feature holds NaN or inf values"):
+        check_target(feature)

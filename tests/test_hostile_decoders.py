@@ -179,3 +179,30 @@ def test_figure_flags_that_cannot_work_are_one_error_line(finished_run, tmp_path
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "mosaic.png").exists()
+
+
+@pytest.mark.parametrize("flag, make, message", [
+    ("--featinv_decoder", "folder", "--featinv_decoder '{p}': a folder, not a file"),
+    ("--gradient_decoder", "folder", "--gradient_decoder '{p}': a folder, not a file"),
+    ("--prompt", "fifo", "target '{p}': not a regular file"),
+    ("--prompt", "image(folder)", "image('{p}'): a folder, not a file"),
+])
+def test_a_folder_or_fifo_for_a_file_is_named_so(tiny_decoder, tmp_path, capsys, flag, make, message):
+    path = tmp_path / ("x.png" if make == "fifo" else "x")
+    os.mkfifo(path) if make == "fifo" else path.mkdir()
+    value = f'image("{path}")' if make == "image(folder)" else str(path)
+    args = tiny_args(tiny_decoder, tmp_path / "out", "--optim_timesteps", "1")
+    args = ([*args, flag, value] if flag != "--prompt" else
+            args[:args.index("--prompt") + 1] + [value] + args[args.index("--prompt") + 2:])
+    if flag == "--featinv_decoder":
+        args += ["--decoder", "featinv"]
+    code, _, err = run_cli(TinyExtractor, args, capsys)
+    assert code == 2 and message.format(p=path) in err, err
+
+
+def test_a_legacy_checkpoint_of_pickle_protocol_4_is_named_so(tmp_path):
+    from ldm.checkpoint import load_state_dict
+    torch.save({"a": torch.ones(2)}, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False,
+               pickle_protocol=4)
+    with pytest.raises(CheckpointError, match="legacy .* written with pickle protocol 4"):
+        load_state_dict(tmp_path / "old.ckpt")

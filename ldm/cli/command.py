@@ -22,7 +22,7 @@ from ldm.cli.signals import StopOnSignals
 from ldm.errors import InputError, SettingError
 from ldm.extractors import FeatureExtractor, build_extractor, parse_spec
 from ldm.extractors.weights import weights_kind
-from ldm.files import check_path_name
+from ldm.files import check_path_name, not_a_file
 from ldm.models.diffusion.feature_guidance import GuidanceSettings, check_state
 from ldm.models.loading import image_multiple, load_config, load_model
 from ldm.performance import prepare
@@ -100,7 +100,7 @@ def target_list(options: RunOptions, text_only: bool) -> list[Target]:
 
 
 def _missing_gradient_decoder(options: RunOptions) -> str:
-    where = f"--gradient_decoder {options.gradient_decoder!r}: no such file"
+    where = f"--gradient_decoder {options.gradient_decoder!r}: {not_a_file(options.gradient_decoder)}"
     if options.preset == "fast":
         where += " (--preset fast carries the guidance gradient through this tiny decoder)"
     return (f"{where}. SD v1's is taesd_decoder.safetensors of https://github.com/madebyollin/taesd "
@@ -129,9 +129,9 @@ def check_model_files(options: RunOptions, settings: GuidanceSettings, ckpt_hint
             raise CheckpointError(f"--ckpt {options.ckpt!r} is not a file")
         raise CheckpointNotFoundError(ckpt_hint.format(path=options.ckpt))
     weights = options.extractor_weights
-    if weights_kind(weights) == "file" and not Path(weights).is_file():
-        raise UsageError(f"--extractor_weights {weights!r}: no such file")
-    if options.gradient_decoder and not Path(options.gradient_decoder).is_file():
+    if weights_kind(weights) == "file" and not_a_file(weights):
+        raise UsageError(f"--extractor_weights {weights!r}: {not_a_file(weights)}")
+    if options.gradient_decoder and not_a_file(options.gradient_decoder):
         raise UsageError(_missing_gradient_decoder(options))
     latent = (int(config.model.params.get("channels", 4)), options.H // first_stage, options.W // first_stage)
     return latent, settings.schedule(num_timesteps)
@@ -143,8 +143,8 @@ def check_decoder_file(options: RunOptions, source: ExtractorSource) -> None:
     from ldm.featinv import read_record
 
     path = options.featinv_decoder
-    if not Path(path).is_file():
-        raise UsageError(f"--featinv_decoder {path!r}: no such file (train one with "
+    if not_a_file(path):
+        raise UsageError(f"--featinv_decoder {path!r}: {not_a_file(path)} (train one with "
                          "scripts/train_featinv.py; the toy's ship in models/toy/featinv_*.safetensors)")
     try:
         check_trained_decoder(read_record(path), source.name, path)
