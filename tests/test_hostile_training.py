@@ -201,3 +201,12 @@ def test_sigterm_stops_a_featinv_run_and_an_overwrite_keeps_the_old_results(feat
     assert "stopped by SIGTERM after FeatInv DDIM step 3 of 10" in capsys.readouterr().err
     after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != names.LOCK}
     assert after == before
+
+
+def test_a_numerical_fault_of_featinv_is_one_error_line(featinv_files, tmp_path, capsys):
+    args = tiny_args(featinv_files, tmp_path / "out", "--decoder", "featinv", "--featinv_decoder",
+                     featinv_files / "decoder.safetensors", "--featinv_steps", "3", "--featinv_guidance", "1e308")
+    assert decode_main(TinyExtractor, argv=[str(a) for a in args]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: non-finite values (NaN or inf)") and "--featinv_guidance too large" in err, err
+    assert not (tmp_path / "out" / "out_img.png").exists()

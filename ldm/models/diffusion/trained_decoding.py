@@ -77,6 +77,7 @@ def sample_featinv(denoiser: FeatInvDenoiser, objective, shape: tuple[int, int, 
 
     def score_estimate(step: dict) -> None:
         scorer.where = (step["t"], 0)
+        scorer.checks.where = (step["t"], 0, None)   # a fault keeps no state: FeatInv has none
         scorer(denoiser.decode_first_stage(step["x0_hat"]), "estimate")
         bar.update()
         if should_stop is not None and should_stop():
