@@ -462,7 +462,7 @@ def plot_log(logs: Sequence[tuple[str, Sequence[Score]]], paths: Sequence[Path],
     figure.suptitle(heading, fontsize="medium")
     for path in paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(path), lambda tmp: figure.savefig(tmp, dpi=150, format=Path(path).suffix[1:]))
+        atomic_write(Path(path), lambda tmp, kind=Path(path).suffix[1:]: figure.savefig(tmp, dpi=150, format=kind))
     return figure
 
 

@@ -91,6 +91,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """`tensors` as a safetensors file (a writer for `atomic_write`): serialised in memory and
+    written by Python, so that a full disk or a file-size limit is an OSError (safetensors' own
+    file writer raises its own error type for them)."""
+    from safetensors.torch import save
+    Path(path).write_bytes(save(tensors, metadata=metadata))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

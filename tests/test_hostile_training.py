@@ -4,7 +4,6 @@ stops a training with last.ckpt saved and a FeatInv decoding at the next step; n
 training writes is torn (atomic writes)."""
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ldm.checkpoint import (SD_V1_IGNORABLE_KEYS, CheckpointError, load_into,
                             load_state_dict)
 from ldm.extractors import build_extractor
 from ldm.extractors.base import FeatureExtractor
-from ldm.files import atomic_write
+from ldm.files import atomic_write, write_safetensors
 from ldm.models.diffusion.controlled_ddpm import (CONTROL_PREFIX, FEATINV_IGNORABLE_KEYS,
                                                   ControlLDM, control_ldm_config,
                                                   control_state_dict)
@@ -141,8 +140,7 @@ def save_decoder(model: ControlLDM, record: DecoderRecord, path: str | Path,
     """The ControlNet's weights (as `dtype`) and the record, as one safetensors file."""
     tensors = {k: v.detach().to("cpu", dtype).contiguous()
                for k, v in control_state_dict(model).items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp),
-                                                   metadata={METADATA_KEY: record.to_json()}))
+    atomic_write(Path(path), lambda tmp: write_safetensors(tmp, tensors, {METADATA_KEY: record.to_json()}))
 
 
 def read_record(path: str | Path) -> DecoderRecord:

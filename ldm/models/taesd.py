@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ldm.checkpoint import CheckpointError, load_into, load_state_dict
-from ldm.files import atomic_write
+from ldm.files import atomic_write, write_safetensors
 
 # Safetensors metadata key under which save_taesd_decoder stores the architecture.
 _CONFIG_KEY = "taesd_config"
@@ -135,8 +134,8 @@ def save_taesd_decoder(decoder: TinyDecoder, path: str | Path) -> None:
     """Weights as safetensors, with the architecture in the metadata (read back by
     `load_taesd_decoder`)."""
     tensors = {k: v.detach().contiguous() for k, v in decoder.state_dict().items()}
-    atomic_write(Path(path), lambda tmp: save_file(
-        tensors, str(tmp), metadata={_CONFIG_KEY: json.dumps(asdict(decoder.config))}))
+    atomic_write(Path(path), lambda tmp: write_safetensors(
+        tmp, tensors, {_CONFIG_KEY: json.dumps(asdict(decoder.config))}))
 
 
 def stored_config(path: str | Path) -> TinyDecoderConfig | None:

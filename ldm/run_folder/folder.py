@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ldm.errors import InputError
-from ldm.files import atomic_write, atomic_write_text, fsync_folder, is_temporary
+from ldm.files import atomic_write, atomic_write_text, fsync_folder, is_temporary, write_safetensors
 from ldm.models.diffusion.sampler_state import BestImage, SamplerState
 from ldm.run_folder import names
 from ldm.run_folder.state_file import load_state, save_state
@@ -234,10 +234,8 @@ class RunFolder:
 
     def save_features(self, goal: torch.Tensor, target: dict) -> None:
         """The target's features, reusable as a target (`--prompt <folder>/target_features.safetensors`)."""
-        from safetensors.torch import save_file
-        atomic_write(self / names.FEATURES, lambda tmp: save_file(
-            {"features": goal[0].detach().float().cpu().contiguous()}, str(tmp),
-            metadata={"target": json.dumps(target)}))
+        atomic_write(self / names.FEATURES, lambda tmp: write_safetensors(
+            tmp, {"features": goal[0].detach().float().cpu().contiguous()}, {"target": json.dumps(target)}))
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_text(self / names.METRICS, json.dumps(metrics, indent=2))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.files import atomic_write
+from ldm.files import atomic_write, write_safetensors
 from ldm.models.diffusion.sampler_state import SamplerState
 
 FORMAT = "feature-space-decoder/resume-state"
@@ -37,14 +37,12 @@ class RunStateError(Exception):
 def save_state(path: Path, state: SamplerState, run: dict) -> None:
     """Write `state` and the caller's `run` dict (JSON-able) atomically to `path`. On an error
     (a full disk) the previous state stays as it was and RunStateError says so."""
-    from safetensors.torch import save_file
-
     tensors, sampler = state.to_parts()
     # json writes floats with repr, which reads back bit for bit (also -Infinity and NaN).
     metadata = {"format": FORMAT, "version": VERSION, "sampler": json.dumps(sampler),
                 "run": json.dumps(run)}
     try:
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
     except OSError as err:
         kept = "the previous resume state is intact" if path.is_file() else "no resume state was kept"
         raise RunStateError(f"could not write the resume state {path} ({err.strerror or err}); "
