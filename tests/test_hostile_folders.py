@@ -8,7 +8,7 @@ import os
 import pytest
 
 from ldm.run_folder import RunFolder, names
-from tiny_models import TARGET, TinyExtractor, run_cli, tiny_args, write_tiny_sd
+from tiny_models import REPO, TARGET, TinyExtractor, run_cli, tiny_args, write_tiny_sd
 
 FAST = ["--optim_forward_guidance", "--optim_timesteps", "2"]
 SECOND = TARGET.parent / "coffee.jpg"
@@ -159,3 +159,23 @@ def test_two_runs_started_into_one_new_folder_at_once(sd_files, tmp_path, capsys
         assert (folder / names.LOCK).is_file()
     finally:
         folder.unlock()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit, code, words", [
+    (6000, 0, "warning: could not write the resume state"),    # the state does not fit: the run goes on
+    (2000, 2, "error: cannot write"),                         # nor does an output: one error line
+])
+def test_a_file_size_limit_is_a_warning_for_the_state_and_one_error_line_for_outputs(sd_files, tmp_path,
+                                                                                     limit, code, words):
+    import resource
+    import subprocess
+    import sys
+    args = tiny_args(sd_files, tmp_path / "out", "--optim_forward_guidance", "--optim_timesteps", "4",
+                     "--save_every", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(sd_files / "tiny_guided.py"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert done.returncode == code and words in done.stdout + done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
