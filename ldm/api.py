@@ -101,7 +101,7 @@ class FeatureDecoder:
         the compared channels)."""
         goal = self.targets(target)
         try:
-            check_target(goal, self.channels)
+            check_target(goal, self.channels, model=self.extractor)
         except ValueError as err:
             raise TargetError(f"{describe_target(target)}: {err}") from None
         return goal
@@ -221,7 +221,7 @@ def decode(targets, extractor, *, settings: GuidanceSettings | None = None, mode
     `seed`. `decoder`: "guided", or "featinv"/"hybrid" with the trained decoder file
     `featinv_decoder` on the base model `config`/`ckpt` (`model` is then not used)."""
     settings = settings or GuidanceSettings()
-    decoding = make_decoding(DecoderOptions(decoder, featinv_decoder, featinv_steps, featinv_guidance))
+    decoding = make_decoding(DecoderOptions(decoder, featinv_decoder, featinv_steps, featinv_guidance, weights))
     if decoding.guided and unguided_warning(settings):
         warnings.warn(unguided_warning(settings), stacklevel=2)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -202,9 +202,15 @@ def load_pickled(path: Path):
     """The object stored in a torch checkpoint (zip or legacy), read with weights_only=True."""
     path = Path(path)
     with open(path, "rb") as f:
-        head = f.read(len(_LEGACY_MAGIC))
+        start = f.read(32)
+    head = start[:len(_LEGACY_MAGIC)]
     if not head:
         raise _corrupt(path, "empty file")
+    if head.startswith(b"\x80") and head != _LEGACY_MAGIC and _LEGACY_MAGIC[2:] in start:
+        raise CheckpointError(f"{path} is a legacy (torch < 1.6 format) checkpoint written with pickle "
+                              f"protocol {head[1]}, which torch's weights-only loader cannot read (only "
+                              "protocol 2); nothing in it was run. Where you trust it, save it again with "
+                              "torch.save's defaults or as .safetensors")
     if not head.startswith(_ZIP_MAGIC) and head != _LEGACY_MAGIC:
         raise _corrupt(path, "not a torch checkpoint (neither torch's zip format nor its legacy format)")
     mmap = _zip_layout(path) if head.startswith(_ZIP_MAGIC) else False

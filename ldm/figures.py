@@ -26,6 +26,8 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from ldm.errors import InputError
+from ldm.files import atomic_write
+from ldm.images import ImageFileError, read_rgb
 from ldm.scorelog import Score, read_scores
 
 IMAGE_COLUMNS = ("final", "best")
@@ -195,13 +197,13 @@ FOOTERS = {True: "cos / d: cosine and squared distance of each saved PNG's featu
 
 
 def save_image(image: Image.Image, paths: Sequence[Path]) -> list[Path]:
-    """Save as PNG and/or PDF (by suffix; the PDF page at PDF_DPI)."""
+    """Save as PNG and/or PDF (by suffix; the PDF page at PDF_DPI), each atomically."""
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".pdf":
-            image.save(path, "PDF", resolution=PDF_DPI)
+            atomic_write(path, lambda tmp: image.save(tmp, "PDF", resolution=PDF_DPI))
         else:
-            image.save(path, "PNG")
+            atomic_write(path, lambda tmp: image.save(tmp, "PNG"))
     return list(paths)
 
 
@@ -233,9 +235,8 @@ def _target_cell(run: dict, cell: int, font) -> tuple[Image.Image, str | None]:
         if path is None:
             return _placeholder(cell, f"target image not found:\n{source}", font), None
         try:
-            with Image.open(path) as image:
-                return _fit(image, cell), Path(source).stem
-        except OSError:
+            return _fit(read_rgb(path), cell), Path(source).stem
+        except ImageFileError:
             return _placeholder(cell, f"target image unreadable: {source}", font), None
     prefix = {"text": "", "features": "features: ", "expression": "expression: "}.get(kind, f"{kind}: ")
     text = f"\u201c{source}\u201d" if kind == "text" else prefix + source
@@ -260,11 +261,10 @@ def _image_cell(run: dict | None, name: str, cell: int, font) -> tuple[Image.Ima
     entry = run.get(name)
     if not entry:
         return _placeholder(cell, f"no {name} image", font), None
-    path = Path(run["folder"]) / entry["file"]
+    path = Path(run["folder"]) / entry["file"]   # a file of the run folder (load_run checks)
     try:
-        with Image.open(path) as image:
-            return _fit(image, cell), entry
-    except OSError:
+        return _fit(read_rgb(path), cell), entry
+    except ImageFileError:
         return _placeholder(cell, f"missing: {entry['file']}", font), entry
 
 
@@ -460,7 +460,7 @@ def plot_log(logs: Sequence[tuple[str, Sequence[Score]]], paths: Sequence[Path],
     figure.suptitle(heading, fontsize="medium")
     for path in paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=150)
+        atomic_write(Path(path), lambda tmp, kind=Path(path).suffix[1:]: figure.savefig(tmp, dpi=150, format=kind))
     return figure
 
 

@@ -62,10 +62,17 @@ def parse_channels(spec: str | list[int] | tuple[int, ...] | None, size: int | N
     return sorted(set(indices))
 
 
-def check_target(target: torch.Tensor, channels: str | list[int] | None = None) -> None:
+def check_target(target: torch.Tensor, channels: str | list[int] | None = None,
+                 model: torch.nn.Module | None = None) -> None:
     """ValueError unless the target feature [1, ...] is finite and not zero everywhere on the
-    compared channels (a zero target has no direction: its cosine similarity is undefined)."""
+    compared channels (a zero target has no direction: its cosine similarity is undefined).
+    `model`: the target model, blamed for a non-finite feature when its weights are."""
     if not bool(torch.isfinite(target).all()):
+        broken = [] if model is None else [name for name, p in model.named_parameters()
+                                           if not bool(torch.isfinite(p).all())]
+        if broken:
+            raise ValueError(f"the target model's weights hold NaN or inf values ({', '.join(broken[:3])}), "
+                             "so every feature it computes does: check --extractor_weights")
         raise ValueError("the target feature holds NaN or inf values")
     index = parse_channels(channels, target.shape[1])
     compared = target if index is None else target[:, index]

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ldm.errors import InputError
-from ldm.extractors.preprocessing import to_rgb
+from ldm.files import not_a_file
+from ldm.images import IMAGE_SUFFIXES, ImageFileError, read_rgb
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FEATURE_SUFFIXES = {".npy", ".pt", ".pth", ".safetensors"}
 FUNCTIONS = ("image", "text", "features")
 
@@ -80,9 +80,47 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-def _parse(expression: str) -> ast.Expression:
+# Bounds of a target expression (Python's parser and our evaluation recurse; numbers become floats).
+MAX_EXPRESSION_CHARS, MAX_EXPRESSION_NODES, MAX_EXPRESSION_DEPTH = 20_000, 1_000, 100
+MAX_NUMBER = 1e12
+MAX_TARGET_LIST_BYTES = 16 * 2 ** 20
+
+
+def _check_size(expression: str) -> None:
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise TargetError(f"target expression of {len(expression):,} characters: at most "
+                          f"{MAX_EXPRESSION_CHARS:,} (average many images into a feature file instead)")
+
+
+def _check_shape(expression: str, tree: ast.AST) -> None:
+    """TargetError for a tree of more than MAX_EXPRESSION_NODES nodes or MAX_EXPRESSION_DEPTH
+    levels (walked without recursion)."""
+    stack, nodes = [(tree, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_EXPRESSION_DEPTH or nodes > MAX_EXPRESSION_NODES:
+            raise TargetError(f"target expression {expression[:80]!r}...: more than {MAX_EXPRESSION_DEPTH} "
+                              f"levels of nesting or {MAX_EXPRESSION_NODES:,} parts, the most a target "
+                              "expression may have (average many images into a feature file instead)")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+
+
+def _parse_bounded(expression: str) -> ast.Expression:
+    """ast.parse of an expression within the bounds above; SyntaxError as ast.parse raises it."""
+    _check_size(expression)
     try:
         tree = ast.parse(expression.strip(), mode="eval")
+    except (RecursionError, MemoryError):
+        raise TargetError(f"target expression {expression[:80]!r}...: nested too deeply to parse (at "
+                          f"most {MAX_EXPRESSION_DEPTH} levels)") from None
+    _check_shape(expression, tree)
+    return tree
+
+
+def _parse(expression: str) -> ast.Expression:
+    try:
+        tree = _parse_bounded(expression)
     except SyntaxError as err:
         raise TargetError(f"target expression {expression!r} does not parse: {err.msg}") from None
     called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
@@ -102,6 +140,9 @@ def _parse(expression: str) -> ast.Expression:
                               "(only image/text/features terms, numbers, + - * / and parentheses)")
         elif isinstance(node, ast.Constant) and not isinstance(node.value, (int, float, str)):
             raise TargetError(f"target expression {expression!r}: constant {node.value!r} is not a number")
+        elif isinstance(node, ast.Constant) and not isinstance(node.value, str) and not abs(node.value) <= MAX_NUMBER:
+            raise TargetError(f"target expression {expression[:80]!r}: the number {str(node.value)[:40]} is "
+                              f"out of range (at most {MAX_NUMBER:g} in size)")
         elif isinstance(node, ast.Name) and node.id not in FUNCTIONS:
             raise TargetError(f"target expression {expression!r}: unknown name {node.id!r} (terms are "
                               "image(\"path\"), text(\"prompt\"), features(\"path\"))")
@@ -146,11 +187,16 @@ def parse_target(spec: str, text_only: bool = False) -> Target:
     if not isinstance(spec, str) or not spec.strip():
         raise TargetError(f"empty target {spec!r}: give an image path, a feature file, an expression "
                           "or a text prompt")
+    try:
+        spec.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TargetError(f"target {spec.encode('utf-8', 'backslashreplace').decode()[:200]!r} is not valid "
+                          "UTF-8 (a file name of other bytes): rename the file") from None
     if text_only:
         return Target("text", spec, _label("text", spec))
     if _looks_like_expression(spec):
         try:
-            ast.parse(spec.strip(), mode="eval")
+            _parse_bounded(spec)
         except SyntaxError as err:   # "a photo of an image (blurry)" is a caption, not Python
             warnings.warn(f"{spec!r} is read as a text prompt: it is not a target expression "
                           f"({err.msg})", stacklevel=2)
@@ -168,13 +214,15 @@ def parse_target(spec: str, text_only: bool = False) -> Target:
         return Target(kind, str(path), _label(kind, str(path)))
     if suffix in IMAGE_SUFFIXES | FEATURE_SUFFIXES:
         what = "an image" if suffix in IMAGE_SUFFIXES else "a feature file"
-        raise TargetError(f"target {spec!r} looks like {what} path, but no such file exists")
+        problem = not_a_file(path)
+        raise TargetError(f"target {spec!r} looks like {what} path, but no such file exists"
+                          if problem == "no such file" else f"target {spec!r}: {problem}")
     return Target("text", spec, _label("text", spec))
 
 
 def _check_file(path: str, kind: str) -> None:
-    if not _is_file(Path(path).expanduser()):
-        raise TargetError(f"{kind}({path!r}): no such file")
+    if not_a_file(Path(path).expanduser()):
+        raise TargetError(f"{kind}({path!r}): {not_a_file(Path(path).expanduser())}")
 
 
 def expand_targets(specs: list[str], text_only: bool = False) -> list[Target]:
@@ -220,15 +268,16 @@ def read_image(path: str) -> Image.Image:
     """A target image as 8-bit RGB, upright (any mode, 16/32-bit, float, EXIF: `to_rgb`, which
     needs the file's own tags); TargetError naming the file if it is not a readable image."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise TargetError(f"{path!r} is not a readable image: {err}") from err
+        return read_rgb(path)
+    except ImageFileError as err:
+        raise TargetError(str(err)) from None
 
 
 def read_target_list(path: str) -> list[str]:
     """A text file with one target per line (blank lines and lines starting with # skipped)."""
+    if not _is_file(Path(path)) or Path(path).stat().st_size > MAX_TARGET_LIST_BYTES:
+        raise TargetError(f"the target list {path!r} is not a regular file of at most "
+                          f"{MAX_TARGET_LIST_BYTES // 2 ** 20} MiB")
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:

@@ -218,10 +218,11 @@ def test_hint_conditioned_takes_the_hint_as_condition(featinv_model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decoder_file_round_trip(tmp_path, tiny_sd, dtype):
     record = tiny_record(tiny_sd)
-    model = randomise(build_decoder_model(record))
+    model = randomise(build_decoder_model(record, tiny_sd / "tiny.yaml"))
     save_decoder(model, record, tmp_path / "decoder.safetensors", dtype=dtype)
     assert read_record(tmp_path / "decoder.safetensors") == record
-    loaded, loaded_record = load_decoder(tmp_path / "decoder.safetensors", tiny_sd / "tiny.ckpt")
+    loaded, loaded_record = load_decoder(tmp_path / "decoder.safetensors", tiny_sd / "tiny.ckpt",
+                                         tiny_sd / "tiny.yaml")
     assert loaded_record == record
     for k, v in model.control_model.state_dict().items():
         assert torch.equal(loaded.control_model.state_dict()[k], v.to(dtype).float())
@@ -231,6 +232,6 @@ def test_decoder_file_round_trip(tmp_path, tiny_sd, dtype):
 
 def test_decoder_of_another_hint_width_is_refused(tmp_path, tiny_sd):
     record, wrong = tiny_record(tiny_sd), tiny_record(tiny_sd, hidden=8)
-    save_decoder(build_decoder_model(wrong), record, tmp_path / "mislabelled.safetensors")
+    save_decoder(build_decoder_model(wrong, tiny_sd / "tiny.yaml"), record, tmp_path / "mislabelled.safetensors")
     with pytest.raises(CheckpointMismatchError, match="input_hint_block.block.1.weight"):
-        load_decoder(tmp_path / "mislabelled.safetensors", tiny_sd / "tiny.ckpt")
+        load_decoder(tmp_path / "mislabelled.safetensors", tiny_sd / "tiny.ckpt", tiny_sd / "tiny.yaml")

@@ -121,7 +121,7 @@ def test_lightning_checkpoint_is_plain_data_with_the_controlnet_only(trained):
 
 def test_saved_decoder_loads_strictly_into_a_fresh_model(trained, root):
     out, _ = trained
-    model, record = load_decoder(out / "decoder.safetensors", root / "tiny.ckpt")
+    model, record = load_decoder(out / "decoder.safetensors", root / "tiny.ckpt", root / "tiny.yaml")
     saved = load_state_dict(out / "decoder.safetensors")
     assert saved.keys() == {"control_model." + k for k in model.control_model.state_dict()}
     checkpoint = torch.load(out / "last.ckpt", weights_only=True)["state_dict"]
@@ -155,7 +155,7 @@ def test_two_cpu_processes_ddp(root):
     assert "distributed_backend=gloo" in done.stderr + done.stdout
     assert "Starting with 2 processes" in done.stderr + done.stdout
     assert json.loads((out / "decoder.json").read_text())["summary"]["steps"] == 2
-    load_decoder(out / "decoder.safetensors", root / "tiny.ckpt")
+    load_decoder(out / "decoder.safetensors", root / "tiny.ckpt", root / "tiny.yaml")
 
 
 BAD_FLAGS = [   # changes to good flags (None: add the bare flag) → the error's words

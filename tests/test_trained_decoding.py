@@ -32,7 +32,7 @@ def tiny_decoder(tmp_path_factory):
     ControlNet weights, so that the hint matters)."""
     folder = write_tiny_sd(tmp_path_factory.mktemp("tiny_featinv"))
     record = DecoderRecord("tiny", None, False, (8, 1, 1), str(folder / "tiny.yaml"), 16, FEATINV_PROMPT)
-    model = new_decoder(record, folder / "tiny.ckpt")
+    model = new_decoder(record, folder / "tiny.ckpt", folder / "tiny.yaml")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.control_model.parameters():
@@ -137,7 +137,8 @@ def test_the_hint_steers_featinv(tiny_decoder):
     """Two targets with different features give different images from the same seed."""
     from ldm.featinv import load_decoder
 
-    model, _ = load_decoder(tiny_decoder / "decoder.safetensors", tiny_decoder / "tiny.ckpt")
+    model, _ = load_decoder(tiny_decoder / "decoder.safetensors", tiny_decoder / "tiny.ckpt",
+                            tiny_decoder / "tiny.yaml")
     extractor = TinyExtractor()
     goals = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
     context = model.get_learned_conditioning([FEATINV_PROMPT])

@@ -62,6 +62,7 @@ def main(extractor: str | type[FeatureExtractor] | dict | None = None, *, descri
     from ldm.cli.command import run
     from ldm.cli.signals import EXIT_SIGNAL
     from ldm.errors import InputError
+    from ldm.files import DISK_FULL
     from ldm.models.loading import SD_V14_MISSING_HINT
     from ldm.run_folder import names
     chosen = (extractor[options.extractor] if isinstance(extractor, dict)
@@ -74,6 +75,12 @@ def main(extractor: str | type[FeatureExtractor] | dict | None = None, *, descri
     except (InputError, FileNotFoundError, CheckpointError) as err:
         # Expected user-facing errors (bad flags or inputs, missing or broken weights): no traceback.
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        print(f"error: cannot write {err.filename or options.optim_folder} ({err.strerror}): free some "
+              "space, then run it again (with --resume if a resume state was saved)", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunStopped as stopped:
         print(("error: " if stopped.exit_code == EXIT_NUMERICAL_FAULT else "") + str(stopped),

@@ -15,6 +15,7 @@ from ldm.cli.signals import EXIT_SIGNAL, StopOnSignals
 from ldm.models.diffusion.device_checks import NumericalFault
 from ldm.models.diffusion.feature_guidance import GuidanceSettings, GuidedResult, SamplingStopped
 from ldm.models.diffusion.sampler_state import BestImage, SamplerState
+from ldm.models.diffusion.trained_decoding import FeatInvStopped
 from ldm.run_folder import RunFolder, RunStateError, names
 from ldm.run_folder.metrics import image_entry
 from ldm.scorelog import Record, format_line
@@ -24,12 +25,13 @@ EXIT_NUMERICAL_FAULT = 3
 
 
 class RunStopped(Exception):
-    """The run stopped before finishing (signal or numerical fault) after saving what it had;
-    `exit_code` is what the process should exit with."""
+    """The run stopped before finishing (signal or numerical fault) after saving what it had
+    (`saved`: False for a FeatInv run, which keeps no resume state); `exit_code` is what the
+    process should exit with."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, saved: bool = True):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.saved = exit_code, saved
 
 
 @dataclass
@@ -246,6 +248,10 @@ class BatchRun:
                 should_stop=ctx.stop)
         except SamplingStopped as stop:
             raise self._signal_stop(stop.state) from None
+        except FeatInvStopped as stop:
+            raise RunStopped(f"stopped by {ctx.stop.name} after FeatInv DDIM step {stop}; a FeatInv run "
+                             "keeps no resume state (it is short): run it again", EXIT_SIGNAL[ctx.stop.signum],
+                             saved=False) from None
         except NumericalFault as fault:
             raise self._fault_stop(fault) from None
         return self.finished(result)
@@ -263,6 +269,9 @@ class BatchRun:
             EXIT_SIGNAL[self.ctx.stop.signum])
 
     def _fault_stop(self, fault: NumericalFault) -> RunStopped:
+        if fault.state is None:   # FeatInv's sampler: no state to keep
+            return RunStopped(f"{fault}: the run was stopped rather than writing images of NaNs "
+                              "(is --featinv_guidance too large?)", EXIT_NUMERICAL_FAULT, saved=False)
         saved = self.stopped(fault.state, {"reason": "numerical fault", "stage": fault.stage,
                                            "message": str(fault)}, f"Numerical fault: {fault}")
         best = (f"the best image so far ({saved[0]['best']['file']}), "

@@ -24,11 +24,13 @@ from ldm.errors import InputError, SettingError
 from ldm.extractors import (ExtractorSpecError, FeatureExtractor, build_extractor, parse_spec,
                             register_extractor)
 from ldm.extractors.weights import weights_kind
+from ldm.files import check_path_name, not_a_file
 from ldm.models.diffusion.feature_guidance import GuidanceSettings, check_state
 from ldm.models.loading import config_source, image_multiple, load_config
 from ldm.performance import prepare
 from ldm.run_folder import RunFolder, RunStateError, fingerprint as fp, names, peek_run
 from ldm.run_folder.metrics import write_index
+from ldm.run_folder.state_file import run_problems
 from ldm.sharding import Shard, barrier, current_shard, from_rank0, gather, init_group, leave_group
 from ldm.targets import Target, TargetError, expand_targets, read_image, read_target_list
 
@@ -109,7 +111,7 @@ def target_list(options: RunOptions, text_only: bool) -> list[Target]:
 
 
 def _missing_gradient_decoder(options: RunOptions) -> str:
-    where = f"--gradient_decoder {options.gradient_decoder!r}: no such file"
+    where = f"--gradient_decoder {options.gradient_decoder!r}: {not_a_file(options.gradient_decoder)}"
     if options.preset == "fast":
         where += " (--preset fast carries the guidance gradient through this tiny decoder)"
     return (f"{where}. SD v1's is taesd_decoder.safetensors of https://github.com/madebyollin/taesd "
@@ -136,9 +138,9 @@ def check_model_files(options: RunOptions, settings: GuidanceSettings, ckpt_hint
     if not Path(options.ckpt).exists():
         raise CheckpointNotFoundError(ckpt_hint.format(path=options.ckpt))
     weights = options.extractor_weights
-    if weights_kind(weights) == "file" and not Path(weights).is_file():
-        raise UsageError(f"--extractor_weights {weights!r}: no such file")
-    if options.gradient_decoder and not Path(options.gradient_decoder).is_file():
+    if weights_kind(weights) == "file" and not_a_file(weights):
+        raise UsageError(f"--extractor_weights {weights!r}: {not_a_file(weights)}")
+    if options.gradient_decoder and not_a_file(options.gradient_decoder):
         raise UsageError(_missing_gradient_decoder(options))
     latent = (int(config.model.params.get("channels", 4)), options.H // first_stage, options.W // first_stage)
     return latent, settings.schedule(num_timesteps)
@@ -196,6 +198,7 @@ def make_plan(extractor, options: RunOptions, *, text_only: bool, ckpt_hint: str
     """Every check that can run before a model loads: flags, device, target model and layer
     (on the meta device), targets, config, weight files."""
     options.check()
+    check_path_name(options.optim_folder, "--optim_folder")
     settings = options.settings()
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -263,7 +266,7 @@ def _my_jobs(shard: Shard, targets: list[Target], root: Path, options: RunOption
                          "several targets would mix their folders into it: choose another --optim_folder")
     jobs, skipped, blocked = [], [], []
     for target in targets:
-        folder = RunFolder(root / target.label)
+        folder = RunFolder(root / target.label, subfolder=True)
         status, detail = folder.status()
         if status == "finished" and not options.overwrite:
             skipped.append(target.label)
@@ -310,9 +313,11 @@ def _take_folder(job: Job, options: RunOptions, single: bool) -> None:
     folder.check_writable_names()
     job.created = folder.create()
     folder.lock()
-    if folder.status()[0] == "new":
-        folder.restore_set_aside()
+    folder.restore_set_aside()
     status, detail = folder.status()
+    if status == "partial" and not options.overwrite:
+        raise UsageError(f"{folder.path} holds {detail}; pass --overwrite to replace them, or choose "
+                         "another --optim_folder")
     if status == "finished" and not options.overwrite:
         raise UsageError(f"the run in {folder.path} is finished ({detail}); there is nothing to resume "
                          "(pass --overwrite instead of --resume to run it again)" if resume else
@@ -343,6 +348,9 @@ def _load_resume_state(job: Job, plan: Plan) -> None:
         state, saved = job.folder.read_state()
     except RunStateError as err:
         raise UsageError(f"cannot resume{where}: {err}{again}") from None
+    if run_problems(saved):
+        raise UsageError(f"cannot resume{where}: {names.STATE} is a damaged resume state: "
+                         + "; ".join(run_problems(saved)) + again)
     differences = fp.differences(saved.get("fingerprint") or {}, job.fingerprint)
     if differences:
         raise UsageError(f"cannot resume{where}: " + "; ".join(differences) + " (resume with the "
@@ -351,7 +359,7 @@ def _load_resume_state(job: Job, plan: Plan) -> None:
         check_state(state, plan.settings, plan.timesteps, (1, *plan.latent))
     except ValueError as err:
         raise UsageError(f"cannot resume{where}: {err}{again}") from None
-    if not isinstance(saved.get("log_bytes"), int) or saved["log_bytes"] > job.folder.log_length():
+    if saved["log_bytes"] > job.folder.log_length():
         raise UsageError(f"cannot resume{where}: {names.LOG} is shorter than when the resume state "
                          f"was saved (its earlier lines are missing){again}")
     job.state, job.saved = state, saved
@@ -367,8 +375,9 @@ def _load_models(plan: Plan, jobs: list[Job]) -> FeatureDecoder:
     model, extractor = prepare(model, extractor, compile=o.compile, grad_checkpoint=o.grad_checkpoint)
     tiny = None
     if o.gradient_decoder:
-        from ldm.models.taesd import TinyFirstStage, load_taesd_decoder
+        from ldm.models.taesd import TinyFirstStage, check_fits, load_taesd_decoder
         tiny = TinyFirstStage(load_taesd_decoder(o.gradient_decoder, device=plan.device))
+        check_fits(tiny.decoder.config, model.channels, model.latent_downsample_factor, o.gradient_decoder)
     decoder = FeatureDecoder(model, extractor, plan.settings, loss=o.loss, channels=o.channels,
                              precision=o.precision, gradient_decoder=tiny, decoding=plan.decoding)
     for job in jobs:
@@ -386,11 +395,11 @@ def _load_models(plan: Plan, jobs: list[Job]) -> FeatureDecoder:
 
 def _release(jobs: list[Job], failed: bool) -> None:
     """Unlock every folder taken; a run that failed before writing leaves no empty folder (nor
-    the parents it made: the last job's first, so that a shared parent is empty by the end)."""
-    for job in jobs:
-        job.folder.unlock()
-    for job in reversed(jobs):
-        if failed and job.created and [p.name for p in job.folder.path.iterdir()] == [names.LOCK]:
+    the parents it made: the last job's first, so that a shared parent is empty by the end; only
+    where it held the folder: two runs may both have seen it missing)."""
+    held = [job.folder.unlock() for job in jobs]
+    for job, holding in reversed(list(zip(jobs, held))):
+        if failed and holding and job.created and [p.name for p in job.folder.path.iterdir()] == [names.LOCK]:
             (job.folder / names.LOCK).unlink()
             for path in job.created:
                 if any(path.iterdir()):
@@ -441,7 +450,7 @@ def _decode_all(plan: Plan, jobs: list[Job], decoder: FeatureDecoder) -> list[di
     with StopOnSignals() as stop, ExitStack() as replacing:
         for job in jobs:   # --overwrite: the old outputs go aside now that everything has loaded
             if options.overwrite and job.status != "new":
-                replacing.enter_context(job.folder.replacing_outputs(kept_on=(RunStopped,)))
+                replacing.enter_context(job.folder.replacing_outputs(kept=lambda e: isinstance(e, RunStopped) and e.saved))
         ctx = RunContext(options, plan.settings, decoder, plan.device, plan.argv, plan.resume_command,
                          stop, plan.prefix, extractor_details(decoder.extractor, options))
         for n, batch in enumerate(batches):

@@ -30,6 +30,7 @@ from ldm.scorelog import stop_message
 
 COMMANDS = ("mosaic", "curves")
 FORMATS = (".png", ".pdf")
+MIN_CELL, MAX_CELL = 16, 2048
 
 
 def output_paths(out: str) -> list[Path]:
@@ -92,6 +93,8 @@ def _check_labels(labels, folders) -> None:
 def make_mosaic(args) -> str:
     from ldm.run_folder import collect_runs   # the run folders' stack imports torch: not for --help
     paths = output_paths(args.out)
+    if not MIN_CELL <= args.cell <= MAX_CELL:
+        raise FigureError(f"--cell {args.cell}: the side of a cell is from {MIN_CELL} to {MAX_CELL:,} pixels")
     runs, skipped = collect_runs(args.runs)
     for message in skipped:
         _warn(message)
@@ -183,6 +186,10 @@ def main(argv=None) -> int:
         summary = (make_mosaic if args.command == "mosaic" else make_curves)(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:   # --out in a folder that cannot be written, a full disk
+        print(f"error: cannot write --out {args.out} ({err.strerror or err}): choose another --out",
+              file=sys.stderr)
         return 2
     print(summary)
     return 0

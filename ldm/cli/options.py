@@ -228,7 +228,7 @@ class RunOptions:
     def check(self) -> None:
         """The checks that need nothing but the flags (SettingError naming the flag)."""
         counts = {"batch_size": (1, MAX_BATCH), "save_every": (1, 10 ** 12), "threads": (1, 4096),
-                  "seed": (0, MAX_SEED), "H": (1, 65536), "W": (1, 65536)}
+                  "seed": (0, MAX_SEED), "H": (1, 8192), "W": (1, 8192)}
         for name, (low, high) in counts.items():
             value = getattr(self, name)
             if value is not None and not low <= value <= high:
@@ -264,7 +264,8 @@ class RunOptions:
         return record
 
     def decoder_options(self) -> DecoderOptions:
-        return DecoderOptions(self.decoder, self.featinv_decoder, self.featinv_steps, self.featinv_guidance)
+        return DecoderOptions(self.decoder, self.featinv_decoder, self.featinv_steps, self.featinv_guidance,
+                              self.extractor_weights)
 
     def fingerprinted(self) -> dict:
         """{flag: fingerprint entry} of the flags that enter the fingerprint besides the settings."""

@@ -22,12 +22,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class DecoderOptions:
     """The user's choice of decoder: `kind` (a registered name) and, for a trained decoder, its
-    `file`, DDIM `steps` and classifier-free `guidance` scale."""
+    `file`, DDIM `steps`, classifier-free `guidance` scale, and the target model's weights its
+    hint extractor (the decoder's layer of the same network) is built with."""
 
     kind: str = "guided"
     file: str | None = None
     steps: int = 50
     guidance: float = 1.75
+    extractor_weights: str | None = None
 
 
 @dataclass

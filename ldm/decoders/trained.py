@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ldm.decoders.base import DecoderKind, Sampling
+from ldm.files import not_a_file
 from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.models.diffusion.feature_guidance import sample_feature_guided
 from ldm.models.diffusion.mixed_precision import MixedPrecision, autocast_dtype
@@ -46,8 +47,8 @@ class Trained(DecoderKind):
         from ldm.featinv import read_record
 
         path = self.options.file
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path!r}: no such file (train one with scripts/train_featinv.py; "
+        if not_a_file(path):
+            raise FileNotFoundError(f"{path!r}: {not_a_file(path)} (train one with scripts/train_featinv.py; "
                                     "the toy's ship in models/toy/featinv_*.safetensors)")
         self._check_network(read_record(path), extractor_name)
 
@@ -69,7 +70,7 @@ class Trained(DecoderKind):
     def bind(self, extractor, device) -> None:
         self._check_network(self.record, extractor.name)
         own = self.record.layer == extractor.layer and self.record.spatial == extractor.spatial
-        self.hint_extractor = None if own else self.record.build_extractor(device)
+        self.hint_extractor = None if own else self.record.build_extractor(device, self.options.extractor_weights)
 
     def hint(self, target, goal: torch.Tensor) -> torch.Tensor:
         """The hint for `target`: its feature `goal`, or the target read by the decoder's own
@@ -125,7 +126,8 @@ class FeatInv(Trained):
             objective = denoiser.objective
         return sample_featinv(denoiser, objective, sampling.shape, sampling.generators,
                               steps=self.options.steps, on_record=sampling.callbacks.get("on_record"),
-                              progress=sampling.callbacks.get("progress", True))
+                              progress=sampling.callbacks.get("progress", True),
+                              should_stop=sampling.callbacks.get("should_stop"))
 
     def describe(self) -> dict:
         return {**super().describe(), "steps": self.options.steps}

@@ -41,13 +41,12 @@ def _full_scale(image: Image.Image, values: np.ndarray) -> float:
             return 255.0
         raise ValueError(f"a floating-point image with values in [{values.min():g}, "
                          f"{values.max():g}]: give one in [0, 1] (or [0, 255]), or an 8/16-bit image")
-    bits = _tiff_tag(image, 258)                           # TIFF BitsPerSample
-    if image.mode.startswith("I;16") or bits == 16:
+    if image.mode.startswith("I;16") or _tiff_tag(image, 258) == 16:   # TIFF BitsPerSample
         return 65535.0
-    if bits == 32:
-        signed = _tiff_tag(image, 339) == 2                # TIFF SampleFormat: 2 = signed
-        return float(2 ** 31 - 1 if signed else 2 ** 32 - 1)
-    return 65535.0 if values.max(initial=0) > 255 else 255.0  # mode "I" from a PNG
+    # 32-bit integers ("I": a TIFF, or a PNG's 16 bits): the smallest usual range that holds the
+    # values (8-bit data stored as 32-bit is not near-black)
+    top = values.max(initial=0)
+    return next(scale for scale in (255.0, 65535.0, 2.0 ** 31 - 1, 2.0 ** 32 - 1) if top <= scale)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -11,6 +11,7 @@ validation: the centre square); the toy world generates its images on the fly fr
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from ldm.extractors.preprocessing import Preprocessing, to_rgb
+from ldm.extractors.preprocessing import Preprocessing
+from ldm.images import IMAGE_SUFFIXES, ImageFileError, read_rgb
 from ldm.toy import world
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def normalised(x: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
@@ -44,9 +44,25 @@ class ImageFolderPairs(Dataset):
                  augment: bool):
         self.files, self.resolution = list(files), resolution
         self.preprocessing, self.augment = preprocessing, augment
+        self.skipped: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def _readable(self, index: int) -> Image.Image:
+        """The image of `index`, or, if that file is broken (truncated, a decompression bomb, not
+        an image), the next readable one: one bad file does not stop a training; each is
+        reported once, with the count so far (per process)."""
+        for k in range(len(self.files)):
+            path = self.files[(index + k) % len(self.files)]
+            try:
+                return read_rgb(path)
+            except ImageFileError as err:
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    print(f"warning: skipping {err} ({len(self.skipped)} skipped so far)",
+                          file=sys.stderr)
+        raise ImageFileError(f"none of the {len(self.files)} images is readable")
 
     def _box(self, image: Image.Image) -> tuple[int, int, int, int]:
         """(top, left, height, width) of the crop."""
@@ -56,7 +72,7 @@ class ImageFolderPairs(Dataset):
         return (image.height - side) // 2, (image.width - side) // 2, side, side
 
     def __getitem__(self, index: int) -> dict:
-        image = to_rgb(Image.open(self.files[index]))
+        image = self._readable(index)
         box = self._box(image)
         flips = torch.rand(2) < 0.5 if self.augment else (False, False)
         p = self.preprocessing

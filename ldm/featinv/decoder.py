@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ldm.checkpoint import (SD_V1_IGNORABLE_KEYS, CheckpointError, load_into,
                             load_state_dict)
 from ldm.extractors import build_extractor
 from ldm.extractors.base import FeatureExtractor
-from ldm.models.diffusion.controlled_ddpm import (FEATINV_IGNORABLE_KEYS, ControlLDM,
-                                                  control_ldm_config, control_state_dict)
+from ldm.files import atomic_write, write_safetensors
+from ldm.models.diffusion.controlled_ddpm import (CONTROL_PREFIX, FEATINV_IGNORABLE_KEYS,
+                                                  ControlLDM, control_ldm_config,
+                                                  control_state_dict)
 from ldm.models.loading import config_source, load_config, read_weights, with_schedule
 from ldm.paths import shipped
 from ldm.util import instantiate_from_config
@@ -53,32 +53,81 @@ class DecoderRecord:
     def extractor_spec(self) -> str:
         return f"{self.extractor}@{self.layer}" if self.layer else self.extractor
 
-    def build_extractor(self, device="cpu") -> FeatureExtractor:
-        return build_extractor(self.extractor_spec, weights=self.extractor_weights,
-                               device=device, spatial=self.spatial)
+    def build_extractor(self, device="cpu", weights: str | None = None) -> FeatureExtractor:
+        """The extractor with the caller's `weights` (None: its default): the record's
+        `extractor_weights` only says what the decoder was trained with, it is never opened."""
+        return build_extractor(self.extractor_spec, weights=weights, device=device,
+                               spatial=self.spatial)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> DecoderRecord:
-        data = json.loads(text)
-        if data.pop("format", None) != FORMAT:
-            raise CheckpointError(f"not a {FORMAT} record: {text[:200]}")
-        return cls(**{**data, "hint_shape": tuple(data["hint_shape"])})
+        """The record in `text`, every field checked (type and bounds) before anything is built."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
+            raise CheckpointError(f"not a {FORMAT} record: {text[:200]!r}")
+        return cls(**_checked_record_fields(data))
+
+
+# field → (types, required); the bounds of the numbers are below
+RECORD_FIELDS = {"extractor": (str, True), "layer": ((str, type(None)), True),
+                 "spatial": (bool, True), "hint_shape": (list, True), "base_config": (str, True),
+                 "hint_hidden_channels": (int, False), "prompt": ((str, type(None)), False),
+                 "extractor_weights": ((str, type(None)), False)}
+MAX_HINT_CHANNELS, MAX_HINT_SIDE, MAX_HIDDEN_CHANNELS = 16384, 1024, 4096
+
+
+def _checked_record_fields(data: dict) -> dict:
+    def bad(problem: str):
+        return CheckpointError(f"the decoder's record {problem}: the file is damaged or was not "
+                               "written by scripts/train_featinv.py")
+    unknown = sorted(set(data) - set(RECORD_FIELDS))
+    missing = sorted(k for k, (_, required) in RECORD_FIELDS.items() if required and k not in data)
+    if unknown or missing:
+        raise bad(f"has unknown fields {unknown} or misses {missing}")
+    for key, (types, _) in RECORD_FIELDS.items():
+        if key in data and type(data[key]) not in (types if isinstance(types, tuple) else (types,)):
+            raise bad(f"has {key} {data[key]!r:.100}, of the wrong type")   # JSON's exact types
+    shape = data["hint_shape"]
+    if (len(shape) != 3 or not all(type(n) is int for n in shape)
+            or not (1 <= shape[0] <= MAX_HINT_CHANNELS and all(1 <= n <= MAX_HINT_SIDE for n in shape[1:]))):
+        raise bad(f"has hint_shape {shape!r}: 3 integers (C, h, w), C from 1 to {MAX_HINT_CHANNELS}, "
+                  f"h and w from 1 to {MAX_HINT_SIDE}")
+    hidden = data.get("hint_hidden_channels", 512)
+    if not 1 <= hidden <= MAX_HIDDEN_CHANNELS:
+        raise bad(f"has hint_hidden_channels {hidden}: from 1 to {MAX_HIDDEN_CHANNELS}")
+    return {**data, "hint_shape": tuple(shape)}
+
+
+def record_config(record: DecoderRecord) -> Path:
+    """The record's base config, which must be one of the project's (`configs/...`): a record
+    describes the decoder, it never points the loader at a file elsewhere."""
+    relative = Path(record.base_config)
+    if (relative.is_absolute() or ".." in relative.parts or relative.parts[:1] != ("configs",)
+            or not shipped(relative).is_file()):
+        raise CheckpointError(f"the decoder was trained on the base config {record.base_config!r}, "
+                              "which is not one of this project's configs: give the base model's "
+                              "config yourself (--config)")
+    return shipped(relative)
 
 
 def build_decoder_model(record: DecoderRecord, base_config: str | None = None) -> ControlLDM:
-    """The ControlLDM of `record` on its base config (or `base_config`), freshly initialised."""
-    config = load_config(base_config or shipped(record.base_config))   # relative: the project's
+    """The ControlLDM of `record` on `base_config` (None: the record's, one of the project's
+    configs), freshly initialised."""
+    config = load_config(base_config or record_config(record))
     return instantiate_from_config(control_ldm_config(
         config.model, record.hint_shape[0], record.hint_hidden_channels))
 
 
-def new_decoder(record: DecoderRecord, base_ckpt: str | Path) -> ControlLDM:
-    """A decoder to train: the base model's weights loaded (strictly), the ControlNet copied
-    from its UNet, the hint block random and the zero convolutions at zero."""
-    model = build_decoder_model(record)
+def new_decoder(record: DecoderRecord, base_ckpt: str | Path, base_config: str | Path) -> ControlLDM:
+    """A decoder to train: the base model (`base_config`, its weights loaded strictly), the
+    ControlNet copied from its UNet, the hint block random and the zero convolutions at zero."""
+    model = build_decoder_model(record, config_source(base_config, base_ckpt))
     base = with_schedule(model, read_weights(base_ckpt))
     load_into(model, {**base, **control_state_dict(model)}, ignorable=SD_V1_IGNORABLE_KEYS,
               expected=f"the base model of {record.base_config}")
@@ -91,8 +140,7 @@ def save_decoder(model: ControlLDM, record: DecoderRecord, path: str | Path,
     """The ControlNet's weights (as `dtype`) and the record, as one safetensors file."""
     tensors = {k: v.detach().to("cpu", dtype).contiguous()
                for k, v in control_state_dict(model).items()}
-    save_file(tensors, str(path), metadata={METADATA_KEY: record.to_json()})
-    os.chmod(path, 0o644)
+    atomic_write(Path(path), lambda tmp: write_safetensors(tmp, tensors, {METADATA_KEY: record.to_json()}))
 
 
 def read_record(path: str | Path) -> DecoderRecord:
@@ -112,8 +160,15 @@ def load_decoder(path: str | Path, base_ckpt: str | Path, base_config: str | Non
     from `path`, both loaded strictly. `base_config` overrides the record's (e.g. a moved file);
     a diffusers folder as `base_ckpt` brings its own config."""
     record = read_record(path)
+    control = load_state_dict(path)
+    foreign = sorted(k for k in control if not k.startswith(CONTROL_PREFIX))
+    if foreign:
+        raise CheckpointError(f"{path}: a FeatInv decoder file holds the ControlNet's tensors "
+                              f"({CONTROL_PREFIX}*) only, but this one also holds {len(foreign)} "
+                              f"others ({', '.join(foreign[:3])}, ...); the base model's weights "
+                              "come from --ckpt alone: use the decoder file train_featinv.py wrote")
     model = build_decoder_model(record, config_source(base_config, base_ckpt))
-    state = {**with_schedule(model, read_weights(base_ckpt)), **load_state_dict(path)}
+    state = {**with_schedule(model, read_weights(base_ckpt)), **control}
     load_into(model, state, ignorable=SD_V1_IGNORABLE_KEYS, expected=f"the decoder {path}")
     return model.to(device), record
 

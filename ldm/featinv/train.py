@@ -24,15 +24,17 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoint import CheckpointError
+from ldm.errors import InputError
 from ldm.extractors import ExtractorSpecError, build_extractor, parse_spec
 from ldm.extractors.preprocessing import Preprocessing
 from ldm.featinv.data import ImageFolderPairs, ToyWorldPairs, list_images
-from ldm.featinv.decoder import FEATINV_PROMPT, DecoderRecord, new_decoder, save_decoder
+from ldm.featinv.decoder import (FEATINV_PROMPT, MAX_HIDDEN_CHANNELS, DecoderRecord, new_decoder,
+                                 save_decoder)
 from ldm.featinv.hints import hint_shape
+from ldm.files import DISK_FULL, atomic_write_text
 from ldm.models.diffusion.controlled_ddpm import LATENT_DIFFUSION
 from ldm.models.loading import load_config
 from ldm.paths import ROOT
-from ldm.util import ConfigError
 
 TOY_DATA = "toy"
 TOY_TRAIN_SEED, TOY_VAL_SEED = 40, 41   # no other toy data set uses these
@@ -43,6 +45,10 @@ PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
 
 class UsageError(Exception):
     """A bad flag or input, printed without a traceback."""
+
+
+class TrainingStopped(Exception):
+    """SIGTERM stopped the training after saving last.ckpt."""
 
 
 class ResumeMismatchError(ValueError):
@@ -138,8 +144,15 @@ def check_options(opts: TrainOptions) -> None:
     for name in positive:
         if getattr(opts, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(opts, name)}")
-    if opts.lr <= 0 or opts.workers < 0 or not (opts.max_steps == -1 or opts.max_steps >= 1):
-        raise UsageError("--lr must be > 0, --workers >= 0, --max_steps >= 1 (or -1: epochs)")
+    if not 0 < opts.lr < float("inf"):
+        raise UsageError(f"--lr {opts.lr}: must be a finite number > 0 (FeatInv: 1e-5)")
+    if opts.workers < 0 or not (opts.max_steps == -1 or opts.max_steps >= 1):
+        raise UsageError("--workers must be >= 0, --max_steps >= 1 (or -1: epochs)")
+    if opts.hint_hidden_channels > MAX_HIDDEN_CHANNELS:
+        raise UsageError(f"--hint_hidden_channels {opts.hint_hidden_channels}: at most "
+                         f"{MAX_HIDDEN_CHANNELS} (FeatInv: 512)")
+    if Path(opts.out).exists() and not Path(opts.out).is_dir():
+        raise UsageError(f"--out {opts.out!r} is a file, not a folder: choose another --out")
     _check_extractor(opts.extractor, opts.spatial)
     if opts.data != TOY_DATA:
         if not Path(opts.data).is_dir():
@@ -156,7 +169,7 @@ def check_options(opts: TrainOptions) -> None:
                          f"not {target!r}")
     last = Path(opts.out) / LAST
     if opts.resume and not last.is_file():
-        raise UsageError(f"--resume: {last} does not exist")
+        raise UsageError(f"--resume: {last} " + ("is not a file" if last.exists() else "does not exist"))
     if not opts.resume and last.exists():
         raise UsageError(f"{opts.out} already holds a training ({LAST}): add --resume to "
                          "continue it, or choose another --out")
@@ -197,13 +210,16 @@ def _trainer(opts: TrainOptions):
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
+    from ldm.featinv.checkpoint_io import SafeCheckpointIO, SaveOnSigterm
+
     return pl.Trainer(
         accelerator=opts.accelerator, devices=opts.devices, strategy=opts.strategy,
         precision=opts.precision, max_epochs=opts.epochs, max_steps=opts.max_steps,
         default_root_dir=opts.out, logger=CSVLogger(opts.out, name="log"),
+        plugins=[SafeCheckpointIO()],
         callbacks=[ModelCheckpoint(dirpath=opts.out, save_last=True, save_top_k=0,
                                    every_n_train_steps=opts.checkpoint_every),
-                   LearningRateMonitor(logging_interval="step")],
+                   LearningRateMonitor(logging_interval="step"), SaveOnSigterm(Path(opts.out) / LAST)],
         val_check_interval=opts.val_every, check_val_every_n_epoch=None,
         log_every_n_steps=opts.log_every, num_sanity_val_steps=0,
         enable_progress_bar=opts.progress, enable_model_summary=False)
@@ -232,6 +248,7 @@ def run(opts: TrainOptions):
     """Train (or continue) the decoder of `opts`; → (the FeatInvTraining module, a summary)."""
     check_options(opts)
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from ldm.featinv.training import FeatInvTraining
 
@@ -241,7 +258,7 @@ def run(opts: TrainOptions):
     extractor = build_extractor(opts.extractor, weights=opts.extractor_weights,
                                 spatial=opts.spatial)
     record = _record(opts, extractor, base_config)
-    model = new_decoder(record, opts.ckpt)
+    model = new_decoder(record, opts.ckpt, opts.base)
     module = FeatInvTraining(model, extractor, record, lr=opts.lr, lr_schedule=opts.lr_schedule)
     resolution = model.image_size * model.latent_downsample_factor
     train_loader, val_loader = _loaders(opts, resolution, extractor.preprocessing)
@@ -251,8 +268,12 @@ def run(opts: TrainOptions):
         # the frozen base model and extractor are in eval mode on purpose
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
         # Lightning's checkpoints hold plain data only: read them with weights_only=True
-        trainer.fit(module, train_loader, val_loader, weights_only=True,
-                    ckpt_path=out / LAST if opts.resume else None)
+        try:
+            trainer.fit(module, train_loader, val_loader, weights_only=True,
+                        ckpt_path=out / LAST if opts.resume else None)
+        except SIGTERMException:
+            raise TrainingStopped(f"stopped by SIGTERM after step {trainer.global_step}; saved "
+                                  f"{out / LAST}: continue with --resume") from None
     if trainer.global_step % opts.checkpoint_every:   # Lightning's last save was earlier
         trainer.save_checkpoint(out / LAST, weights_only=False)
     summary = {"steps": trainer.global_step, "seconds": round(time.perf_counter() - start, 1),
@@ -260,7 +281,7 @@ def run(opts: TrainOptions):
     if trainer.is_global_zero:   # the one process that writes files (and the CSV log)
         summary["train/loss_recent"] = recent_mean(logged(out, "train/loss"))
         save_decoder(model, record, out / DECODER)
-        (out / "decoder.json").write_text(json.dumps(
+        atomic_write_text(out / "decoder.json", json.dumps(
             {"record": json.loads(record.to_json()), "options": asdict(opts), "summary": summary},
             indent=1))
     return module, summary
@@ -282,9 +303,18 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     try:
         _, summary = run(opts)
-    except (UsageError, ConfigError, CheckpointError, ExtractorSpecError,
+    except TrainingStopped as e:
+        print(e, file=sys.stderr)
+        return 143
+    except (UsageError, InputError, CheckpointError, ExtractorSpecError,
             ResumeMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print(f"error: cannot write {e.filename or opts.out} ({e.strerror}): free some space, then "
+              "continue with --resume", file=sys.stderr)
         return 2
     print(json.dumps(summary))
     return 0

@@ -18,14 +18,15 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from ldm.checkpoint import check_state_dict
 from ldm.extractors.base import FeatureExtractor
+from ldm.featinv.checkpoint_io import TRAINED
 from ldm.featinv.decoder import DecoderRecord
 from ldm.featinv.hints import feature_to_hint
 from ldm.featinv.train import ResumeMismatchError
 from ldm.models.diffusion.controlled_ddpm import ControlLDM
 from ldm.objectives import cosine_similarity
 
-TRAINED = "model.control_model."   # the trained parameters' keys in this module's state_dict
 VAL_TIMESTEP_FRACTIONS = (0.25, 0.5, 0.75)
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -114,7 +115,7 @@ class FeatInvTraining(pl.LightningModule):
         checkpoint["featinv_record"] = self.record.to_json()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = DecoderRecord.from_json(checkpoint.get("featinv_record", "{}"))
+        saved = DecoderRecord.from_json(checkpoint["featinv_record"])   # checked by SafeCheckpointIO
         if saved != self.record:
             raise ResumeMismatchError(
                 f"the checkpoint was trained for another decoder ({saved}), not for "
@@ -122,3 +123,5 @@ class FeatInvTraining(pl.LightningModule):
                 "and --hint_hidden_channels, or train into another --out")
         frozen = {k: v for k, v in self.state_dict().items() if not k.startswith(TRAINED)}
         checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}
+        check_state_dict(self, checkpoint["state_dict"], ignorable=(),   # shapes, NaN or inf
+                         expected=f"the decoder of {self.record.extractor_spec}")

@@ -9,7 +9,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ldm.checkpoint import SD_V1_IGNORABLE_KEYS, load_into, load_state_dict
 from ldm.models.diffusers_folder import folder_config, folder_state_dict, pipeline_folder
 from ldm.paths import DEFAULT_CKPT, DEFAULT_CONFIG
-from ldm.util import ConfigError, check_config_targets, instantiate_from_config
+from ldm.util import ConfigError, check_config, instantiate_from_config
 
 
 SD_V14_MISSING_HINT = (
@@ -38,7 +38,7 @@ def load_config(config_path: str | Path):
                           f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if not OmegaConf.is_dict(config) or "model" not in config:
         raise ConfigError(f"model config {path} has no `model:` section (see {DEFAULT_CONFIG})")
-    check_config_targets(config.model, "model")
+    check_config(config.model, "model")
     return config
 
 

@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ldm.checkpoint import CheckpointError, load_into, load_state_dict
-from ldm.files import atomic_write
+from ldm.files import atomic_write, write_safetensors
 
 # Safetensors metadata key under which save_taesd_decoder stores the architecture.
 _CONFIG_KEY = "taesd_config"
@@ -47,6 +46,33 @@ class TinyDecoderConfig:
 
 
 SD_V1 = TinyDecoderConfig()
+# Sane bounds of each field (a stranger's file must not make us allocate terabytes).
+CONFIG_BOUNDS = {"latent_channels": (1, 64), "width": (1, 1024), "upsamples": (0, 6),
+                 "blocks_per_stage": (1, 16)}
+
+
+def checked_config(fields: dict, path) -> TinyDecoderConfig:
+    """The TinyDecoderConfig of `fields` (a file's metadata), every field an integer in its
+    CONFIG_BOUNDS; CheckpointError naming the first that is not."""
+    if not isinstance(fields, dict) or set(fields) - set(CONFIG_BOUNDS):
+        raise CheckpointError(f"{path}: the TAESD architecture stored in it is not one: {fields!r:.200} "
+                              f"(fields: {', '.join(CONFIG_BOUNDS)})")
+    for name, value in fields.items():
+        low, high = CONFIG_BOUNDS[name]
+        if type(value) is not int or not low <= value <= high:
+            raise CheckpointError(f"{path}: the TAESD architecture stored in it has {name} {value!r:.50}, "
+                                  f"not an integer from {low} to {high}")
+    return TinyDecoderConfig(**fields)
+
+
+def check_fits(config: TinyDecoderConfig, latent_channels: int, downsample_factor: int, path) -> None:
+    """CheckpointError unless a decoder of `config` decodes the model's latents at its image
+    size (`latent_channels`, the first stage's `downsample_factor`)."""
+    if config.latent_channels != latent_channels or 2 ** config.upsamples != downsample_factor:
+        raise CheckpointError(
+            f"--gradient_decoder {path} decodes {config.latent_channels}-channel latents with "
+            f"{2 ** config.upsamples}x up-sampling, but this model's first stage has {latent_channels} "
+            f"channels and down-samples {downsample_factor}x: give the TAESD decoder of this model")
 
 
 def _conv3x3(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
@@ -108,8 +134,8 @@ def save_taesd_decoder(decoder: TinyDecoder, path: str | Path) -> None:
     """Weights as safetensors, with the architecture in the metadata (read back by
     `load_taesd_decoder`)."""
     tensors = {k: v.detach().contiguous() for k, v in decoder.state_dict().items()}
-    atomic_write(Path(path), lambda tmp: save_file(
-        tensors, str(tmp), metadata={_CONFIG_KEY: json.dumps(asdict(decoder.config))}))
+    atomic_write(Path(path), lambda tmp: write_safetensors(
+        tmp, tensors, {_CONFIG_KEY: json.dumps(asdict(decoder.config))}))
 
 
 def stored_config(path: str | Path) -> TinyDecoderConfig | None:
@@ -121,9 +147,10 @@ def stored_config(path: str | Path) -> TinyDecoderConfig | None:
     if _CONFIG_KEY not in metadata:
         return None
     try:
-        return TinyDecoderConfig(**json.loads(metadata[_CONFIG_KEY]))
-    except (TypeError, ValueError) as err:   # a stranger's file: its metadata is data too
+        fields = json.loads(metadata[_CONFIG_KEY])
+    except ValueError as err:   # a stranger's file: its metadata is data too
         raise CheckpointError(f"{path}: the TAESD architecture stored in it is unreadable ({err})") from None
+    return checked_config(fields, path)
 
 
 def load_taesd_decoder(path: str | Path, config: TinyDecoderConfig | None = None,

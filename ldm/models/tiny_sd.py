@@ -18,6 +18,7 @@ from ldm.models.loading import build_model
 from ldm.paths import shipped
 
 TINY_CONFIG = shipped("configs/tiny/sd-v1-tiny.yaml")
+MAX_TIMESTEPS = 100_000
 
 
 def tiny_config(timesteps: int = 1000):
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timesteps", type=int, default=1000, help="length of its schedule")
     parser.add_argument("--seed", type=int, default=0, help="seed of its random weights")
     args = parser.parse_args(argv)
+    if not 1 <= args.timesteps <= MAX_TIMESTEPS:
+        parser.error(f"--timesteps {args.timesteps}: must be from 1 to {MAX_TIMESTEPS:,}")
     folder = write_tiny_sd(args.out, args.timesteps, args.seed)
     print(f"wrote {folder / 'tiny.yaml'} and {folder / 'tiny.safetensors'}: pass them as "
           f"--config and --ckpt, with --H 16 --W 16 (multiples of 4)")

@@ -1,13 +1,17 @@
 """One run's folder: what it holds, who writes it, and every write into it.
 
-- Status: "new" (missing, or nothing of a run in it), "finished", "interrupted" (a resume
-  state, or metrics.json saying the run did not finish).
+- Status: "new" (missing, empty, or what a run killed before its first resume state left),
+  "finished", "interrupted" (a resume state, or metrics.json saying the run did not finish),
+  "partial" (output names, e.g. a log.txt, but not of a run of this tool: replaced only with
+  --overwrite).
 - One writer at a time: a lock (`fcntl.flock` on `.lock`, released by the kernel when the
   process ends, however it ends); a second run into the folder is refused naming the first.
 - Nothing lost: finished or interrupted runs are not replaced unless asked; `--overwrite`
   moves the old outputs aside (`.overwritten/`) only once the new run has loaded its models and
-  targets, deletes them when the new run has results of its own, and puts them back if it fails.
-- Nothing written through a symbolic link, no output name taken by a folder.
+  targets, deletes them when the new run has results of its own, and puts them back if it fails
+  (or, after a kill, at the next start).
+- Nothing written through a symbolic link (an output name, `.overwritten`, a target's
+  subfolder), no output name taken by a folder.
 - Every image and JSON file is written atomically (ldm/files.py); `log.txt` is appended line
   by line (follow it with `tail -f`) and cut back to a resume state's length on resume.
 """
@@ -20,13 +24,14 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ldm.errors import InputError
-from ldm.files import atomic_write, atomic_write_text, is_temporary
+from ldm.files import atomic_write, atomic_write_text, fsync_folder, is_temporary, write_safetensors
 from ldm.models.diffusion.sampler_state import BestImage, SamplerState
 from ldm.run_folder import names
 from ldm.run_folder.state_file import load_state, save_state
@@ -37,8 +42,10 @@ class RunFolderError(InputError):
 
 
 class RunFolder:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, subfolder: bool = False):
+        """`subfolder`: a target's folder inside a multi-target --optim_folder (never a link)."""
         self.path = Path(path)
+        self.subfolder = subfolder
         self._log = None
         self._lock = None
 
@@ -64,7 +71,11 @@ class RunFolder:
             return "interrupted", f"{metrics.name} says the run did not finish, and there is no {state.name}"
         if (self / names.FINAL).is_file():
             return "finished", names.FINAL   # e.g. a finished run of the reference code
-        return "new", ""
+        found = [p.name for p in self.outputs()]
+        if found and not (self / names.FEATURES).is_file():   # a run writes it first: not a run's
+            return "partial", (f"{', '.join(found[:3])} but no run of this tool (a run writes "
+                               f"{names.FEATURES} first)")
+        return "new", ""   # or what a run killed before its first resume state left: replaced
 
     def outputs(self) -> list[Path]:
         """This tool's output files in the folder (what --overwrite replaces)."""
@@ -75,8 +86,15 @@ class RunFolder:
     def check_writable_names(self) -> None:
         """RunFolderError if an output name is a symbolic link or a folder (a write would go
         through the link, or fail after the run)."""
+        if self.subfolder and self.path.is_symlink():
+            raise RunFolderError(f"{self.path} is a symbolic link; a target's folder is never written "
+                                 "through a link: remove it or choose another --optim_folder")
         if not self.path.is_dir():
             return
+        aside = self / names.SET_ASIDE
+        if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+            raise RunFolderError(f"{aside} is not a folder of this tool (a link or a file); --overwrite "
+                                 "moves outputs into it: remove it or choose another --optim_folder")
         for path in [*self.outputs(), self / names.LOCK, *map(self.__truediv__, (names.LOG, names.METRICS,
                      names.FINAL, names.STATE, names.FEATURES))]:
             if path.is_symlink():
@@ -120,42 +138,52 @@ class RunFolder:
                        f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)[:300]})").encode(), 0)
         self._lock = fd
 
-    def unlock(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)   # closing the descriptor releases the flock
-            self._lock = None
+    def unlock(self) -> bool:
+        """Release the folder; → whether this process held it."""
+        if self._lock is None:
+            return False
+        os.close(self._lock)   # closing the descriptor releases the flock
+        self._lock = None
+        return True
 
     @contextmanager
-    def replacing_outputs(self, kept_on: tuple[type[BaseException], ...] = ()):
-        """`--overwrite`: move this folder's outputs aside for the block. If it raises (other
-        than `kept_on`: a stop that saved the new run's state), the new run's outputs are
+    def replacing_outputs(self, kept: Callable[[BaseException], bool] = lambda error: False):
+        """`--overwrite`: move this folder's outputs aside for the block. If it raises (unless
+        `kept(error)`: a stop that saved the new run's state), the new run's outputs are
         removed and the old ones come back; otherwise the old ones are deleted."""
         aside = self / names.SET_ASIDE
         aside.mkdir(exist_ok=True)
         for path in self.outputs():
             os.replace(path, aside / path.name)
+        (aside / names.SET_ASIDE_DONE).touch()
+        fsync_folder(aside)
         try:
             yield
-        except kept_on:
-            shutil.rmtree(aside, ignore_errors=True)
-            raise
-        except BaseException:
-            self.close_log()
-            for path in self.outputs():
-                path.unlink(missing_ok=True)
-            self.restore_set_aside()
+        except BaseException as error:
+            if kept(error):
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                self.close_log()
+                self.restore_set_aside()
             raise
         shutil.rmtree(aside, ignore_errors=True)
 
     def restore_set_aside(self) -> bool:
-        """Put back outputs an interrupted `--overwrite` left aside (when the folder holds no run
-        of its own); → whether there were any."""
+        """Put back the outputs an `--overwrite` that failed or was killed left aside, removing
+        what the new run wrote since (if the move had finished; a move cut short leaves only old
+        outputs in the folder); → whether there were any."""
         aside = self / names.SET_ASIDE
-        if not aside.is_dir():
+        if not aside.is_dir() or aside.is_symlink():
             return False
+        done = aside / names.SET_ASIDE_DONE
+        if done.exists():
+            for path in self.outputs():
+                path.unlink(missing_ok=True)
+            done.unlink()
         for path in aside.iterdir():
             os.replace(path, self / path.name)
         aside.rmdir()
+        fsync_folder(self.path)
         return True
 
     # --- log ------------------------------------------------------------------------------
@@ -206,10 +234,8 @@ class RunFolder:
 
     def save_features(self, goal: torch.Tensor, target: dict) -> None:
         """The target's features, reusable as a target (`--prompt <folder>/target_features.safetensors`)."""
-        from safetensors.torch import save_file
-        atomic_write(self / names.FEATURES, lambda tmp: save_file(
-            {"features": goal[0].detach().float().cpu().contiguous()}, str(tmp),
-            metadata={"target": json.dumps(target)}))
+        atomic_write(self / names.FEATURES, lambda tmp: write_safetensors(
+            tmp, {"features": goal[0].detach().float().cpu().contiguous()}, {"target": json.dumps(target)}))
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_text(self / names.METRICS, json.dumps(metrics, indent=2))

@@ -93,8 +93,23 @@ def load_run(folder: str | Path) -> dict:
         if key not in run:
             raise RunFolderError(f"{folder / names.METRICS} has no {key!r} entry: it was not written "
                                  "by a run of this repository (rerun it, or remove the folder)")
+    for key in ("final", "best"):
+        _check_image_entry(folder, key, run.get(key))
     run["folder"] = folder
     return run
+
+
+def _check_image_entry(folder: Path, key: str, entry) -> None:
+    """A run's image is a file of its own folder: a bare name, not a link (a figure never draws
+    a file elsewhere that a metrics.json names)."""
+    if entry is None and key == "best":
+        return
+    file = entry.get("file") if isinstance(entry, dict) else None
+    if (not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file
+            or (folder / file).is_symlink()):
+        raise RunFolderError(f"{folder / names.METRICS}: its {key!r} entry names the image {file!r:.200}, "
+                             "which is not a file of the run folder (a bare name, not a link): rerun "
+                             "that run with --overwrite, or remove the folder")
 
 
 def find_run_folders(paths: Iterable[str | Path]) -> list[Path]:

@@ -12,6 +12,7 @@ FEATURES = "target_features.safetensors"
 INDEX = "index.json"          # in the --optim_folder of a run with several targets
 LOCK = ".lock"                # held by the process writing the folder
 SET_ASIDE = ".overwritten"    # a finished run's outputs while --overwrite replaces them
+SET_ASIDE_DONE = ".moved"     # in SET_ASIDE: every output was moved (the new run may have written)
 
 BEST_PATTERN = "out_img_best_t_*.png"
 INTERMEDIATE_PATTERNS = ("original_guidance_*_*.png", "guidance_3_*_*.png", "guidance_2_*_b.png")

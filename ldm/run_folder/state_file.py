@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import struct
 from pathlib import Path
 
 import torch
 
-from ldm.files import atomic_write
+from ldm.files import atomic_write, write_safetensors
 from ldm.models.diffusion.sampler_state import SamplerState
 
 FORMAT = "feature-space-decoder/resume-state"
@@ -36,14 +37,12 @@ class RunStateError(Exception):
 def save_state(path: Path, state: SamplerState, run: dict) -> None:
     """Write `state` and the caller's `run` dict (JSON-able) atomically to `path`. On an error
     (a full disk) the previous state stays as it was and RunStateError says so."""
-    from safetensors.torch import save_file
-
     tensors, sampler = state.to_parts()
     # json writes floats with repr, which reads back bit for bit (also -Infinity and NaN).
     metadata = {"format": FORMAT, "version": VERSION, "sampler": json.dumps(sampler),
                 "run": json.dumps(run)}
     try:
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
     except OSError as err:
         kept = "the previous resume state is intact" if path.is_file() else "no resume state was kept"
         raise RunStateError(f"could not write the resume state {path} ({err.strerror or err}); "
@@ -124,6 +123,22 @@ def _tensor_problem(name: str, x, dtype: torch.dtype, shape: tuple, finite: bool
     return None
 
 
+# The command line's run record: the entries resuming reads, and what each must be.
+RUN_ENTRIES = {"log_bytes": lambda v: type(v) is int and v >= 0,
+               "elapsed_s": lambda v: type(v) in (int, float) and 0 <= v < math.inf,
+               "resumes": lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+               "argv": lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v),
+               "run_options": lambda v: isinstance(v, (str, dict)),
+               "fingerprint": lambda v: isinstance(v, dict)}
+
+
+def run_problems(run: dict) -> list[str]:
+    """What is wrong with the command line's run record of a state (`save_state`'s `run`) read
+    from a file (empty if nothing)."""
+    return [f"{name} is {run.get(name)!r:.60}" for name, valid in RUN_ENTRIES.items()
+            if not valid(run.get(name))]
+
+
 def state_problems(state: SamplerState) -> list[str]:
     """What is wrong with a state read from a file (empty if nothing): its own consistency;
     whether it fits a run's settings is `feature_guidance.check_state`'s question."""
@@ -151,6 +166,9 @@ def state_problems(state: SamplerState) -> list[str]:
                  if isinstance(g, torch.Tensor) and g.numel() not in GENERATOR_STATE_BYTES]
     if isinstance(state.best_prev_score, torch.Tensor) and bool(torch.isnan(state.best_prev_score).any()):
         problems.append("best_prev_score holds NaN")
+    problems += [f"best.{b} has the score {best.score!r}" for b, best in enumerate(state.best)
+                 if type(best.score) not in (int, float) or not best.score < math.inf
+                 or (best.image is not None and best.score == -math.inf)]
     problems += [f"guard count {b} is {n!r}" for b, n in enumerate(state.guard_events)
                  if isinstance(n, bool) or not isinstance(n, int) or n < 0]
     if not problems and state.history_count > state.iterations:

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open, save_file
 
+from ldm.checkpoint import CheckpointError, load_into
+
 from . import world
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
@@ -136,16 +138,26 @@ def save_net(net: SmallCNN, path: str, extra: dict | None = None) -> None:
 
 
 def read_metadata(path: str) -> dict:
-    """``{"config": SmallCNN kwargs, "extra": ...}`` stored by :func:`save_net`."""
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta["toy_net"])
+    """``{"config": SmallCNN kwargs, "extra": ...}`` stored by :func:`save_net`; CheckpointError
+    for a file without it (e.g. another network's weights)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            record = json.loads((f.metadata() or {})["toy_net"])
+        if not isinstance(record.get("config"), dict):
+            raise ValueError("no config")
+        return record
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types for other files
+        raise CheckpointError(f"{path} is not a toy network's weights ({type(err).__name__}: {err}): give "
+                              "a file written by scripts/train_toy.py") from None
 
 
 def load_net(path: str, device: str | torch.device = "cpu") -> SmallCNN:
     """Rebuild a :class:`SmallCNN` from a file written by :func:`save_net` (eval mode)."""
-    net = SmallCNN(**read_metadata(path)["config"])
-    net.load_state_dict(load_file(path, device=str(device)))
+    try:
+        net = SmallCNN(**read_metadata(path)["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its toy network config cannot be built ({err})") from None
+    load_into(net, load_file(path), ignorable=(), expected=f"the toy network of {path}")
     return net.to(device).eval()
 
 

@@ -20,7 +20,7 @@ class NumericalFault(ArithmeticError):
     holds the best images found before it)."""
 
     def __init__(self, stage: str, timestep: int, recurrence: int, images: list[int], state):
-        which = "" if state.z.shape[0] == 1 else f" (batch entries {images})"
+        which = "" if state is None or state.z.shape[0] == 1 else f" (batch entries {images})"
         super().__init__(f"non-finite values (NaN or inf) in the {stage} at timestep {timestep}, "
                          f"self-recurrence {recurrence}{which}")
         self.stage, self.timestep, self.recurrence, self.images = stage, timestep, recurrence, images

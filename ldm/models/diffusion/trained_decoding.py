@@ -55,12 +55,19 @@ class FeatInvDenoiser(ControlledDenoiser):
                             _batched(self.uncontext, batch), self.guidance_scale)
 
 
+class FeatInvStopped(Exception):
+    """`should_stop()` said stop; the message is the step done ("3 of 50"). FeatInv's sampling
+    keeps no resume state: it is short."""
+
+
 def sample_featinv(denoiser: FeatInvDenoiser, objective, shape: tuple[int, int, int, int],
                    generators: list[torch.Generator], *, steps: int = 50,
-                   on_record: Callable | None = None, progress: bool = True) -> GuidedResult:
+                   on_record: Callable | None = None, progress: bool = True,
+                   should_stop: Callable[[], bool] | None = None) -> GuidedResult:
     """FeatInv's DDIM sampling of a batch (one generator per image, its initial noise), every
     step's x̂0 scored with `objective(images)` → (loss [B], cosine [B]); → the final images
-    D(z_0), their scores and the best x̂0 per target. `iterations` counts the DDIM steps."""
+    D(z_0), their scores and the best x̂0 per target. `iterations` counts the DDIM steps.
+    `should_stop()` is polled after each step (FeatInvStopped)."""
     emit = on_record or (lambda record: None)
     best = [BestImage() for _ in range(shape[0])]
     scorer = Scorer(objective, best, emit, DeviceChecks())
@@ -70,8 +77,11 @@ def sample_featinv(denoiser: FeatInvDenoiser, objective, shape: tuple[int, int, 
 
     def score_estimate(step: dict) -> None:
         scorer.where = (step["t"], 0)
+        scorer.checks.where = (step["t"], 0, None)   # a fault keeps no state: FeatInv has none
         scorer(denoiser.decode_first_stage(step["x0_hat"]), "estimate")
         bar.update()
+        if should_stop is not None and should_stop():
+            raise FeatInvStopped(f"{step['i'] + 1} of {len(timesteps)}")
 
     with torch.no_grad():
         try:

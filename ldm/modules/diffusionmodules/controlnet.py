@@ -59,6 +59,8 @@ class ControlNet(nn.Module):
     plus `hint_channels` (C of the hint) and `hint_hidden_channels` (the hint block's width).
     """
 
+    OPTIONS_OF = UNetBlocks   # where `options` go (a config's keywords are checked against it)
+
     def __init__(self, in_channels: int, model_channels: int, hint_channels: int,
                  num_res_blocks: int, attention_resolutions, hint_hidden_channels: int = 512,
                  **options):

@@ -169,6 +169,8 @@ class UNetModel(nn.Module):
     `options`: the other hyper-parameters of the CompVis signature (see `UNetBlocks`).
     """
 
+    OPTIONS_OF = UNetBlocks   # where `options` go (a config's keywords are checked against it)
+
     def __init__(self, in_channels: int, model_channels: int, out_channels: int,
                  num_res_blocks: int, attention_resolutions, **options):
         super().__init__()
