@@ -149,12 +149,7 @@ def state_problems(state: SamplerState) -> list[str]:
     if batch < 1 or set(lengths.values()) != {batch}:
         return problems + ["its lists disagree on the batch size (" + ", ".join(
             f"{n} {name}" for name, n in lengths.items()) + ")"]
-    checks = [("z", state.z, torch.float32, (batch, None, None, None), True),
-              ("history", state.history, torch.float32, (batch, None), True),
-              ("best_prev_score", state.best_prev_score, torch.float32, (batch,), False),
-              ("do_backward", state.do_backward, torch.bool, (batch,), False)]
-    if state.best_prev_z is not None:
-        checks.append(("best_prev_z", state.best_prev_z, torch.float32, tuple(state.z.shape), True))
+    checks = state.row_checks()
     checks += [(f"generator.{b}", g, torch.uint8, (None,), False)
                for b, g in enumerate(state.generator_states)]
     checks += [(f"best.{b}.image", best.image, torch.float32, (3, None, None), True)

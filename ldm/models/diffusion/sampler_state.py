@@ -61,8 +61,10 @@ def _count():
     return field(metadata={"count": True})        # a non-negative int, shared by the batch
 
 
-def _rows():
-    return field(metadata={"batch": "rows"})      # a tensor, one row per target
+def _rows(dtype: torch.dtype, ndim: int, finite: bool, like: str | None = None):
+    """A tensor, one row per target, of `dtype` and `ndim` dimensions (or of the shape of the
+    field `like`), all finite if `finite`: what a state file's tensor is checked against."""
+    return field(metadata={"batch": "rows", "dtype": dtype, "ndim": ndim, "finite": finite, "like": like})
 
 
 def _items(key: str | None = None):
@@ -80,11 +82,11 @@ class SamplerState:
     timestep: int = _count()
     iterations: int = _count()            # iterations done
     history_count: int = _count()         # scores pushed into the moving-average ring buffer
-    z: torch.Tensor = _rows()             # [B, C, h, w] latent entering iteration (k, j)
-    history: torch.Tensor = _rows()       # [B, Q] moving-average ring buffer (−distance)
-    best_prev_score: torch.Tensor = _rows()   # [B] best z_prev candidate score of this timestep
-    do_backward: torch.Tensor = _rows()   # [B] bool, the backward-guidance gate of this timestep
-    best_prev_z: torch.Tensor | None = _rows()  # its latent (select_prev; None before any)
+    z: torch.Tensor = _rows(torch.float32, 4, True)        # [B, C, h, w] latent entering iteration (k, j)
+    history: torch.Tensor = _rows(torch.float32, 2, True)  # [B, Q] moving-average ring buffer (−distance)
+    best_prev_score: torch.Tensor = _rows(torch.float32, 1, False)   # [B] best z_prev candidate score
+    do_backward: torch.Tensor = _rows(torch.bool, 1, False)  # [B] the backward-guidance gate of this timestep
+    best_prev_z: torch.Tensor | None = _rows(torch.float32, 4, True, like="z")  # its latent (select_prev; None before any)
     best: list[BestImage] = _items()
     guard_events: list[int] = _items()    # guidance steps taken without guidance (zero gradient)
     generator_states: list[torch.Tensor] = _items("generator")
@@ -102,6 +104,18 @@ class SamplerState:
     def counts(cls) -> list[str]:
         """The fields that are non-negative counts."""
         return [f.name for f in fields(cls) if f.metadata.get("count")]
+
+    def row_checks(self) -> list[tuple]:
+        """(name, tensor, dtype, shape with None for any size, finite) of each per-target tensor
+        present, from the fields' metadata."""
+        checks = []
+        for f in fields(self):
+            meta, value = f.metadata, getattr(self, f.name)
+            if meta.get("batch") == "rows" and value is not None:
+                like = meta["like"] and getattr(self, meta["like"])
+                shape = tuple(like.shape) if isinstance(like, torch.Tensor) else (self.batch,) + (None,) * (meta["ndim"] - 1)
+                checks.append((f.name, value, meta["dtype"], shape, meta["finite"]))
+        return checks
 
     def list_lengths(self) -> dict[str, int]:
         """{field: length} of the per-target lists (each should be the batch size)."""
