@@ -15,8 +15,8 @@ from PIL import Image
 
 from ldm.checkpoint import load_state_dict
 from ldm.featinv import load_decoder, read_record
-from ldm.featinv import train
-from ldm.featinv.train import main
+from ldm.featinv import train_command as train
+from ldm.featinv.train_command import main
 from ldm.toy import world
 from tiny_models import write_tiny_sd
 
@@ -26,7 +26,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIB
 TRAIN_AND_INSPECT = """
 import json, sys, torch
 from ldm.checkpoint import load_state_dict
-from ldm.featinv.train import parse_args, run
+from ldm.featinv.train_command import parse_args, run
 module, summary = run(parse_args(sys.argv[2:]))
 base = load_state_dict(sys.argv[1])
 state = module.model.state_dict()

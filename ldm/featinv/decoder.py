@@ -29,6 +29,10 @@ FORMAT = "featinv-controlnet/1"
 FEATINV_PROMPT = "a high-quality, detailed, and professional image"
 
 
+class ResumeMismatchError(ValueError):
+    """--resume of a training checkpoint written for another decoder (another record)."""
+
+
 @dataclass(frozen=True)
 class DecoderRecord:
     """What a decoder decodes and what it steers, stored in its safetensors metadata.

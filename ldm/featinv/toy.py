@@ -26,7 +26,7 @@ import torch
 from ldm.extractors import build_extractor
 from ldm.featinv.decoder import DecoderRecord, load_decoder, save_decoder
 from ldm.featinv.hints import feature_to_hint
-from ldm.featinv.train import TOY_DATA, TrainOptions, run
+from ldm.featinv.train_command import TOY_DATA, TrainOptions, run
 from ldm.models.diffusion.controlled_ddpm import ControlLDM
 from ldm.models.diffusion.ddim import sample_ddim
 from ldm.models.diffusion.trained_decoding import FeatInvDenoiser

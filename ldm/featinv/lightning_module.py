@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm.extractors.base import FeatureExtractor
-from ldm.featinv.decoder import DecoderRecord
+from ldm.featinv.decoder import DecoderRecord, ResumeMismatchError
 from ldm.featinv.hints import feature_to_hint
-from ldm.featinv.train import ResumeMismatchError
 from ldm.models.diffusion.controlled_ddpm import ControlLDM
 from ldm.objectives import cosine_similarity
 

@@ -27,7 +27,8 @@ from ldm.checkpoint import CheckpointError
 from ldm.extractors import ExtractorSpecError, build_extractor, parse_spec
 from ldm.extractors.preprocessing import Preprocessing
 from ldm.featinv.data import ImageFolderPairs, ToyWorldPairs, list_images
-from ldm.featinv.decoder import FEATINV_PROMPT, DecoderRecord, new_decoder, save_decoder
+from ldm.featinv.decoder import (FEATINV_PROMPT, DecoderRecord, ResumeMismatchError,
+                                 new_decoder, save_decoder)
 from ldm.featinv.hints import hint_shape
 from ldm.models.diffusion.controlled_ddpm import LATENT_DIFFUSION
 from ldm.models.loading import load_config
@@ -43,10 +44,6 @@ PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
 
 class UsageError(Exception):
     """A bad flag or input, printed without a traceback."""
-
-
-class ResumeMismatchError(ValueError):
-    """--resume of a checkpoint trained for another decoder."""
 
 
 @dataclass
@@ -231,7 +228,7 @@ def run(opts: TrainOptions):
     check_options(opts)
     import pytorch_lightning as pl
 
-    from ldm.featinv.training import FeatInvTraining
+    from ldm.featinv.lightning_module import FeatInvTraining
 
     start = time.perf_counter()
     pl.seed_everything(opts.seed, workers=True, verbose=False)
