@@ -8,6 +8,8 @@ Every item is a dict with
 
 An image folder gives FeatInv's augmentation (RandomResizedCrop, horizontal and vertical flips;
 validation: the centre square); the toy world generates its images on the fly from fixed seeds.
+`CachedPairs` holds what training computes from a pair, for data without augmentation (the toy
+world): the latent posterior's mean and std and the hint.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
@@ -37,6 +39,22 @@ def list_images(folder: str | Path) -> list[Path]:
                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def open_rgb(path: Path) -> Image.Image | None:
+    """The image at `path` as RGB; None if it cannot be read (corrupt, truncated, not an image)."""
+    try:
+        with Image.open(path) as image:
+            return to_rgb(image)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def skip_unreadable(items: list[dict | None]) -> dict:
+    """The loader's collate: the readable items batched, with "skipped": how many were not."""
+    readable = [item for item in items if item is not None]
+    batch = default_collate(readable) if readable else {}
+    return {**batch, "skipped": torch.tensor(len(items) - len(readable))}
+
+
 class ImageFolderPairs(Dataset):
     """Training pairs from image files: random crops if `augment`, else the centre square."""
 
@@ -55,8 +73,10 @@ class ImageFolderPairs(Dataset):
         side = min(image.size)
         return (image.height - side) // 2, (image.width - side) // 2, side, side
 
-    def __getitem__(self, index: int) -> dict:
-        image = to_rgb(Image.open(self.files[index]))
+    def __getitem__(self, index: int) -> dict | None:
+        image = open_rgb(self.files[index])
+        if image is None:
+            return None
         box = self._box(image)
         flips = torch.rand(2) < 0.5 if self.augment else (False, False)
         p = self.preprocessing
@@ -97,3 +117,20 @@ class ToyWorldPairs(Dataset):
         image = self._at(x, self.resolution, InterpolationMode.BICUBIC)
         pixels = self._at(x, p.input_size, p.interpolation)
         return {"image": image * 2 - 1, "pixels": normalised(pixels, p), "index": index}
+
+
+class CachedPairs(Dataset):
+    """Precomputed training inputs: item k is {"latent_mean", "latent_std": the first stage's
+    posterior of image k (unscaled; training samples from it), "hint": its feature's hint}."""
+
+    def __init__(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, hint: torch.Tensor):
+        if not len(latent_mean) == len(latent_std) == len(hint):
+            raise ValueError("latent means, stds and hints of different lengths")
+        self.latent_mean, self.latent_std, self.hint = latent_mean, latent_std, hint
+
+    def __len__(self) -> int:
+        return len(self.hint)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"latent_mean": self.latent_mean[index], "latent_std": self.latent_std[index],
+                "hint": self.hint[index], "index": index}

@@ -91,10 +91,12 @@ def new_decoder(record: DecoderRecord, base_ckpt: str | Path) -> ControlLDM:
 
 
 def save_decoder(model: ControlLDM, record: DecoderRecord, path: str | Path,
-                 dtype: torch.dtype = torch.float32) -> None:
-    """The ControlNet's weights (as `dtype`) and the record, as one safetensors file."""
-    tensors = {k: v.detach().to("cpu", dtype).contiguous()
-               for k, v in control_state_dict(model).items()}
+                 dtype: torch.dtype = torch.float32,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The ControlNet's weights (as `dtype`) and the record, as one safetensors file; `weights`:
+    other `control_model.*` tensors to write instead of the model's (a training's EMA)."""
+    weights = control_state_dict(model) if weights is None else weights
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.items()}
     save_file(tensors, str(path), metadata={METADATA_KEY: record.to_json()})
     os.chmod(path, 0o644)
 

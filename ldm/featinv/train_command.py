@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 import warnings
@@ -26,10 +27,11 @@ import torch
 from ldm.checkpoint import CheckpointError
 from ldm.extractors import ExtractorSpecError, build_extractor, parse_spec
 from ldm.extractors.preprocessing import Preprocessing
-from ldm.featinv.data import ImageFolderPairs, ToyWorldPairs, list_images
+from ldm.featinv.data import ImageFolderPairs, ToyWorldPairs, list_images, skip_unreadable
 from ldm.featinv.decoder import (FEATINV_PROMPT, DecoderRecord, ResumeMismatchError,
                                  new_decoder, save_decoder)
 from ldm.featinv.hints import hint_shape
+from ldm.featinv.lightning_module import TIMESTEP_SCHEDULES, FeatInvTraining
 from ldm.models.diffusion.controlled_ddpm import LATENT_DIFFUSION
 from ldm.models.loading import load_config
 from ldm.paths import ROOT
@@ -39,7 +41,7 @@ TOY_DATA = "toy"
 TOY_TRAIN_SEED, TOY_VAL_SEED = 40, 41   # no other toy data set uses these
 LAST = "last.ckpt"
 DECODER = "decoder.safetensors"
-PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
+PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed")
 
 
 class UsageError(Exception):
@@ -60,19 +62,29 @@ class TrainOptions:
     hint_hidden_channels: int = 512
     lr: float = 1e-5
     lr_schedule: str = "constant"
+    timesteps: str = "uniform"
+    ema_decay: float | None = None
+    warmup_steps: int = 0
     batch_size: int = 8
+    accumulate: int = 1
+    grad_clip: float | None = None
+    grad_checkpoint: bool = False
     epochs: int = 3
     max_steps: int = -1
     toy_images: int = 20000
+    val_data: str | None = None
     val_images: int = 4
     val_every: int = 1000
+    val_steps: int = 20
     checkpoint_every: int = 1000
+    export_every: int = 5000
     log_every: int = 50
-    workers: int = 0
+    workers: int = -1
+    benchmark_loader: int = 0
     devices: int = 1
     accelerator: str = "auto"
     strategy: str = "auto"
-    precision: str = "32"
+    precision: str = "auto"
     resume: bool = False
     seed: int = 0
     progress: bool = True
@@ -82,14 +94,22 @@ class TrainOptions:
 INT_FLAGS = {
     "hint_hidden_channels": "width of the hint block (FeatInv: 512)",
     "batch_size": "images per step and device (FeatInv: 8)",
+    "accumulate": "accumulate the gradients of this many batches per optimizer step",
+    "warmup_steps": "linear learning-rate warm-up over this many steps",
     "epochs": "passes over the data (FeatInv: 3 of ImageNet)",
     "max_steps": "stop after this many steps (-1: after --epochs)",
     "toy_images": f"size of the generated training set with --data {TOY_DATA}",
-    "val_images": "held-out images for the validation cosine (a folder's first, sorted)",
-    "val_every": "validate every this many steps",
+    "val_images": "held-out images to validate on (without --val_data: taken from the "
+                  "training folder, spread over its classes)",
+    "val_every": "validate every this many steps (DDIM samples of the held-out images)",
+    "val_steps": "DDIM steps of the validation samples",
     "checkpoint_every": f"write DIR/{LAST} every this many steps (and at the end)",
+    "export_every": f"write DIR/{DECODER} every this many steps (and at the end)",
     "log_every": "log the training loss every this many steps",
-    "workers": "data-loader worker processes",
+    "workers": "data-loader worker processes per device (-1: the machine's cores / devices, "
+               "at most 8)",
+    "benchmark_loader": "only time this many batches of the training loader, print images/s "
+                        "and exit (to size --workers)",
     "devices": "devices (processes) to train on",
     "seed": "seed of everything random (Lightning's seed_everything)",
 }
@@ -115,11 +135,18 @@ def parse_args(argv=None) -> TrainOptions:
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW's learning rate (default {d.lr})")
     p.add_argument("--lr_schedule", default=d.lr_schedule, choices=["constant", "cosine"],
                    help="constant (FeatInv) or a half-cosine decay to 0 over the run")
+    p.add_argument("--timesteps", default=d.timesteps, choices=list(TIMESTEP_SCHEDULES),
+                   help="training timesteps: uniform (FeatInv) or cubic (T2I-Adapter: more "
+                        "weight on the noisy end)")
+    p.add_argument("--ema_decay", type=float, default=d.ema_decay,
+                   help="keep an EMA of the ControlNet's weights with this decay (e.g. 0.999) "
+                        "and export it as the decoder (default: none, the last weights)")
     p.add_argument("--accelerator", default=d.accelerator, choices=["auto", "cpu", "gpu", "cuda"])
     p.add_argument("--strategy", default=d.strategy, choices=["auto", "ddp"],
                    help="ddp: one process per device (gloo on CPUs, NCCL on GPUs)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                   help="Lightning's precision (default 32)")
+                   help="Lightning's precision (default auto: bf16-mixed on CUDA, with TF32 "
+                        "matmuls, else 32)")
     p.add_argument("--resume", action="store_true", help=f"continue from DIR/{LAST}")
     p.add_argument("--no_progress", dest="progress", action="store_false",
                    help="no progress bar")
@@ -133,8 +160,10 @@ def check_options(opts: TrainOptions) -> None:
     for name in positive:
         if getattr(opts, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(opts, name)}")
-    if opts.lr <= 0 or opts.workers < 0 or not (opts.max_steps == -1 or opts.max_steps >= 1):
-        raise UsageError("--lr must be > 0, --workers >= 0, --max_steps >= 1 (or -1: epochs)")
+    if opts.ema_decay is not None and not 0 < opts.ema_decay < 1:
+        raise UsageError(f"--ema_decay must be between 0 and 1, got {opts.ema_decay}")
+    if opts.lr <= 0 or opts.workers < -1 or not (opts.max_steps == -1 or opts.max_steps >= 1):
+        raise UsageError("--lr must be > 0, --workers >= 0 (or -1: automatic), --max_steps >= 1 (or -1: epochs)")
     _check_extractor(opts.extractor, opts.spatial)
     if opts.data != TOY_DATA:
         if not Path(opts.data).is_dir():
@@ -178,13 +207,31 @@ def _datasets(opts: TrainOptions, resolution: int, preprocessing: Preprocessing)
             ImageFolderPairs(files[:opts.val_images], resolution, preprocessing, augment=False))
 
 
-def _loaders(opts: TrainOptions, resolution: int, preprocessing: Preprocessing):
+def _loaders(opts: TrainOptions, train, val):
     from torch.utils.data import DataLoader
 
-    train, val = _datasets(opts, resolution, preprocessing)
-    common = {"num_workers": opts.workers, "persistent_workers": opts.workers > 0}
+    workers = opts.workers if opts.workers >= 0 else default_workers(opts.devices)
+    common = {"num_workers": workers, "persistent_workers": workers > 0,
+              "pin_memory": on_gpu(opts), "collate_fn": skip_unreadable}
     return (DataLoader(train, batch_size=opts.batch_size, shuffle=True, drop_last=True, **common),
             DataLoader(val, batch_size=min(opts.batch_size, opts.val_images), **common))
+
+
+def default_workers(devices: int) -> int:
+    """Loader processes per device: the machine's cores shared by the devices, at most 8."""
+    return min(8, max(1, (os.cpu_count() or 1) // devices))
+
+
+def on_gpu(opts: TrainOptions) -> bool:
+    return opts.accelerator != "cpu" and torch.cuda.is_available()
+
+
+def precision(opts: TrainOptions) -> str:
+    """--precision, `auto` resolved; on CUDA, float32 matmuls may use TF32 (Ampere and later)."""
+    if on_gpu(opts):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        return "bf16-mixed" if opts.precision == "auto" else opts.precision
+    return "32" if opts.precision == "auto" else opts.precision
 
 
 def _trainer(opts: TrainOptions):
@@ -194,7 +241,7 @@ def _trainer(opts: TrainOptions):
 
     return pl.Trainer(
         accelerator=opts.accelerator, devices=opts.devices, strategy=opts.strategy,
-        precision=opts.precision, max_epochs=opts.epochs, max_steps=opts.max_steps,
+        precision=precision(opts), max_epochs=opts.epochs, max_steps=opts.max_steps,
         default_root_dir=opts.out, logger=CSVLogger(opts.out, name="log"),
         callbacks=[ModelCheckpoint(dirpath=opts.out, save_last=True, save_top_k=0,
                                    every_n_train_steps=opts.checkpoint_every),
@@ -223,12 +270,11 @@ def _record(opts: TrainOptions, extractor, base_config) -> DecoderRecord:
         prompt=FEATINV_PROMPT if conditioned else None, extractor_weights=opts.extractor_weights)
 
 
-def run(opts: TrainOptions):
-    """Train (or continue) the decoder of `opts`; → (the FeatInvTraining module, a summary)."""
+def run(opts: TrainOptions, train_set=None):
+    """Train (or continue) the decoder of `opts`; → (the FeatInvTraining module, a summary).
+    `train_set`: prepared training pairs (e.g. data.CachedPairs) instead of --data's."""
     check_options(opts)
     import pytorch_lightning as pl
-
-    from ldm.featinv.lightning_module import FeatInvTraining
 
     start = time.perf_counter()
     pl.seed_everything(opts.seed, workers=True, verbose=False)
@@ -237,9 +283,11 @@ def run(opts: TrainOptions):
                                 spatial=opts.spatial)
     record = _record(opts, extractor, base_config)
     model = new_decoder(record, opts.ckpt)
-    module = FeatInvTraining(model, extractor, record, lr=opts.lr, lr_schedule=opts.lr_schedule)
+    module = FeatInvTraining(model, extractor, record, lr=opts.lr, lr_schedule=opts.lr_schedule,
+                             timesteps=opts.timesteps, ema_decay=opts.ema_decay)
     resolution = model.image_size * model.latent_downsample_factor
-    train_loader, val_loader = _loaders(opts, resolution, extractor.preprocessing)
+    train, val = _datasets(opts, resolution, extractor.preprocessing)
+    train_loader, val_loader = _loaders(opts, train_set or train, val)
     trainer = _trainer(opts)
     out = Path(opts.out)
     with warnings.catch_warnings():
@@ -254,7 +302,7 @@ def run(opts: TrainOptions):
                **{k: float(v) for k, v in trainer.callback_metrics.items()}}
     if trainer.is_global_zero:   # the one process that writes files (and the CSV log)
         summary["train/loss_recent"] = recent_mean(logged(out, "train/loss"))
-        save_decoder(model, record, out / DECODER)
+        save_decoder(model, record, out / DECODER, weights=module.decoder_state_dict())
         (out / "decoder.json").write_text(json.dumps(
             {"record": json.loads(record.to_json()), "options": asdict(opts), "summary": summary},
             indent=1))
