@@ -14,26 +14,34 @@ T2I-Adapter's t = (1 − u³) T, u ~ U[0, 1): the noisy steps are where the hint
 image), and an exponential moving average of the ControlNet's weights (`ema_decay`), which is
 what `decoder_state_dict` exports.
 
-Validation: for a few fixed held-out images, the one-step estimate ẑ0 = x0(z_t, ε_θ) from fixed
-noise at a few fixed timesteps is decoded, and its feature compared with the image's by cosine.
+Validation: the held-out images' features are decoded as a user would (DDIM from fixed seeds,
+FeatInv's guidance, the exported weights: the EMA if kept), and the samples' features compared
+with the images' by cosine (`val/cosine`); rank 0 writes its originals and samples as a PNG
+(`val/step_N.png` in the run folder) and to TensorBoard when it logs there.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.utils import make_grid, save_image
 
 from ldm.extractors.base import FeatureExtractor
 from ldm.featinv.decoder import DecoderRecord, ResumeMismatchError
 from ldm.featinv.hints import feature_to_hint
 from ldm.models.diffusion.controlled_ddpm import CONTROL_PREFIX, ControlLDM
+from ldm.models.diffusion.ddim import sample_ddim
+from ldm.models.diffusion.trained_decoding import FeatInvDenoiser
 from ldm.objectives import cosine_similarity
 
 TRAINED = "model.control_model."   # the trained parameters' keys in this module's state_dict
-VAL_TIMESTEP_FRACTIONS = (0.25, 0.5, 0.75)
+VAL_SEED = 100                     # FeatInv's sampling seed; held-out image k uses VAL_SEED + k
 LR_SCHEDULES = ("constant", "cosine")
 TIMESTEP_SCHEDULES = ("uniform", "cubic")
 EMA = "ema."                        # the EMA's keys in this module's state_dict
@@ -47,18 +55,14 @@ def draw_timesteps(n: int, num_timesteps: int, schedule: str, device) -> torch.T
     return (u * num_timesteps).long().clamp(max=num_timesteps - 1)
 
 
-def fixed_noise(shape, seed: int) -> torch.Tensor:
-    """N(0, I) noise that depends on `seed` only: the same at every validation, in every process."""
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
-
-
 class FeatInvTraining(pl.LightningModule):
     """Trains `model.control_model` to decode `extractor`'s features (the decoder `record`)."""
 
     def __init__(self, model: ControlLDM, extractor: FeatureExtractor, record: DecoderRecord,
                  lr: float, lr_schedule: str = "constant", hint_dropout: float = 0.15,
                  timesteps: str = "uniform", ema_decay: float | None = None,
-                 warmup_steps: int = 0, seed: int = 0):
+                 warmup_steps: int = 0, seed: int = 0, val_steps: int = 20,
+                 val_guidance: float = 1.75):
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {lr_schedule!r}: one of {', '.join(LR_SCHEDULES)}")
@@ -70,13 +74,15 @@ class FeatInvTraining(pl.LightningModule):
         model.control_model.requires_grad_(True)
         self.ema = None if ema_decay is None else AveragedModel(
             model.control_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
         self._ema_step = -1
         prompt, empty = (None, None) if record.prompt is None else (
             model.get_learned_conditioning([record.prompt]), model.get_learned_conditioning([""]))
         self.register_buffer("prompt_context", prompt, persistent=False)
         self.register_buffer("empty_context", empty, persistent=False)
-        T = model.num_timesteps
-        self.val_timesteps = [round(f * (T - 1)) for f in VAL_TIMESTEP_FRACTIONS]
+        self.val_steps, self.val_guidance = val_steps, val_guidance
+        self._val_pairs: list[torch.Tensor] = []
 
     def setup(self, stage: str) -> None:
         """Every rank its own random numbers (timesteps, noise, hint dropout), from the seed and
@@ -140,24 +146,58 @@ class FeatInvTraining(pl.LightningModule):
         z_t = self.model.q_sample(z0, t, noise)
         eps = self.model.apply_model(z_t, t, self._context(keep), hint)
         loss = F.mse_loss(eps.float(), noise)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(z0))
+        if "skipped" in batch:   # unreadable images left out of the batch (data.skip_unreadable)
+            self.log("data/skipped", batch["skipped"].float(), on_step=False, on_epoch=True,
+                     reduce_fx="sum", sync_dist=True, batch_size=len(z0))
         return loss
+
+    @contextmanager
+    def exported_weights(self):
+        """The ControlNet holds the weights to export (the EMA's, if kept) inside the block."""
+        if self.ema is None:
+            yield
+            return
+        control = self.model.control_model
+        current = {k: v.clone() for k, v in control.state_dict().items()}
+        control.load_state_dict(self.ema.module.state_dict())
+        try:
+            yield
+        finally:
+            control.load_state_dict(current)
+
+    def sample(self, hint: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Images in [-1, 1] decoded from `hint` by DDIM (FeatInv's sampling), one seed each."""
+        shape = (len(hint), self.model.channels, self.model.image_size, self.model.image_size)
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        denoiser = FeatInvDenoiser(self.model, hint, self.val_guidance,
+                                   self.prompt_context, self.empty_context)
+        z = sample_ddim(denoiser, shape, steps=self.val_steps, guidance_scale=1.0,
+                        generators=generators)
+        return self.model.decode_first_stage(z).clamp(-1, 1)
 
     def validation_step(self, batch, batch_idx):
         target = self.extractor.encode(batch["pixels"])
-        z0 = self.model.scale_factor * self.model.encode_first_stage(batch["image"]).mode()
-        noise = torch.stack([fixed_noise(z0.shape[1:], int(k)) for k in batch["index"]]).to(z0)
-        context = self._context(torch.ones(len(z0), dtype=torch.bool, device=z0.device))
-        scores = []
-        for timestep in self.val_timesteps:
-            t = torch.full((len(z0),), timestep, device=z0.device, dtype=torch.long)
-            z_t = self.model.q_sample(z0, t, noise)
-            eps = self.model.apply_model(z_t, t, context, feature_to_hint(target))
-            x0_hat = self.model.decode_first_stage(self.model.predict_start_from_noise(z_t, t, eps))
-            score = cosine_similarity(self.extractor(x0_hat.clamp(-1, 1)), target).mean()
-            self.log(f"val/cosine_t{timestep}", score, sync_dist=True)
-            scores.append(score)
-        self.log("val/cosine", torch.stack(scores).mean(), prog_bar=True, sync_dist=True)
+        with self.exported_weights():
+            images = self.sample(feature_to_hint(target),
+                                 [VAL_SEED + int(k) for k in batch["index"]])
+        score = cosine_similarity(self.extractor(images), target)
+        self.log("val/cosine", score.mean(), prog_bar=True, sync_dist=True, batch_size=len(score))
+        self._val_pairs.append(torch.cat([batch["image"], images], dim=-1).float().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        """Rank 0's held-out images and their samples, side by side: a PNG in the run folder
+        and, with a TensorBoard logger, its images."""
+        pairs, self._val_pairs = self._val_pairs, []
+        if not pairs or not self.trainer.is_global_zero:
+            return
+        grid = make_grid((torch.cat(pairs) + 1) / 2, nrow=4, padding=2)
+        folder = Path(self.trainer.default_root_dir) / "val"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image(grid, folder / f"step_{self.global_step:07d}.png")
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("val/samples", grid, self.global_step)
 
     # --- Lightning's checkpoint: what training changes, and for which decoder ----------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -174,5 +214,10 @@ class FeatInvTraining(pl.LightningModule):
                 f"the checkpoint was trained for another decoder ({saved}), not for "
                 f"{self.record}: resume with the same --extractor, --spatial/--pooled, --base "
                 "and --hint_hidden_channels, or train into another --out")
+        has_ema = any(k.startswith(EMA) for k in checkpoint["state_dict"])
+        if has_ema != (self.ema is not None):
+            raise ResumeMismatchError(
+                f"the checkpoint was trained {'with' if has_ema else 'without'} an EMA of the "
+                "weights: resume with the same --ema_decay")
         frozen = {k: v for k, v in self.state_dict().items() if not k.startswith((TRAINED, EMA))}
         checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -22,7 +24,11 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.checkpoint import CheckpointError
 from ldm.extractors import ExtractorSpecError, build_extractor, parse_spec
@@ -41,6 +47,7 @@ TOY_DATA = "toy"
 TOY_TRAIN_SEED, TOY_VAL_SEED = 40, 41   # no other toy data set uses these
 LAST = "last.ckpt"
 DECODER = "decoder.safetensors"
+FILE_LIST = "files.txt"
 PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed")
 
 
@@ -141,6 +148,14 @@ def parse_args(argv=None) -> TrainOptions:
     p.add_argument("--ema_decay", type=float, default=d.ema_decay,
                    help="keep an EMA of the ControlNet's weights with this decay (e.g. 0.999) "
                         "and export it as the decoder (default: none, the last weights)")
+    p.add_argument("--grad_clip", type=float, default=d.grad_clip,
+                   help="clip the gradients' norm to this (default: no clipping)")
+    p.add_argument("--grad_checkpoint", action="store_true",
+                   help="gradient checkpointing of the UNet and ControlNet blocks (FeatInv's "
+                        "use_checkpoint: less memory, about a third more compute)")
+    p.add_argument("--val_data", default=None,
+                   help="a folder of held-out images (default: --val_images of --data, "
+                        "spread over its classes, kept out of training)")
     p.add_argument("--accelerator", default=d.accelerator, choices=["auto", "cpu", "gpu", "cuda"])
     p.add_argument("--strategy", default=d.strategy, choices=["auto", "ddp"],
                    help="ddp: one process per device (gloo on CPUs, NCCL on GPUs)")
@@ -155,23 +170,25 @@ def parse_args(argv=None) -> TrainOptions:
 
 def check_options(opts: TrainOptions) -> None:
     """UsageError for anything wrong with the flags, before a model is loaded."""
-    positive = ("hint_hidden_channels", "batch_size", "epochs", "toy_images", "val_images",
-                "val_every", "checkpoint_every", "log_every", "devices")
+    positive = ("hint_hidden_channels", "batch_size", "accumulate", "epochs", "toy_images",
+                "val_images", "val_every", "val_steps", "checkpoint_every", "export_every",
+                "log_every", "devices")
     for name in positive:
         if getattr(opts, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(opts, name)}")
+    if opts.warmup_steps < 0 or opts.benchmark_loader < 0:
+        raise UsageError("--warmup_steps and --benchmark_loader must be at least 0")
+    if opts.grad_clip is not None and opts.grad_clip <= 0:
+        raise UsageError(f"--grad_clip must be > 0, got {opts.grad_clip}")
     if opts.ema_decay is not None and not 0 < opts.ema_decay < 1:
         raise UsageError(f"--ema_decay must be between 0 and 1, got {opts.ema_decay}")
     if opts.lr <= 0 or opts.workers < -1 or not (opts.max_steps == -1 or opts.max_steps >= 1):
         raise UsageError("--lr must be > 0, --workers >= 0 (or -1: automatic), --max_steps >= 1 (or -1: epochs)")
     _check_extractor(opts.extractor, opts.spatial)
-    if opts.data != TOY_DATA:
-        if not Path(opts.data).is_dir():
-            raise UsageError(f"--data {opts.data!r}: no such folder (or '{TOY_DATA}')")
-        found = len(list_images(opts.data))
-        if found < opts.val_images + opts.batch_size:
-            raise UsageError(f"--data {opts.data}: {found} images, fewer than --val_images "
-                             f"{opts.val_images} + --batch_size {opts.batch_size}")
+    if opts.data != TOY_DATA and not Path(opts.data).is_dir():
+        raise UsageError(f"--data {opts.data!r}: no such folder (or '{TOY_DATA}')")
+    if opts.val_data is not None and not Path(opts.val_data).is_dir():
+        raise UsageError(f"--val_data {opts.val_data!r}: no such folder")
     if not Path(opts.base).is_file() or not Path(opts.ckpt).is_file():
         raise UsageError(f"--base {opts.base!r} and --ckpt {opts.ckpt!r} must be files")
     target = load_config(opts.base).model.get("target")
@@ -198,13 +215,61 @@ def _check_extractor(spec: str, spatial: bool) -> None:
         raise UsageError(f"--extractor: {e}") from None
 
 
-def _datasets(opts: TrainOptions, resolution: int, preprocessing: Preprocessing):
+def shared_file_list(opts: TrainOptions) -> list[Path]:
+    """--data's image files, walked once: rank 0 walks the folder and writes the list to
+    DIR/files.txt, the other ranks (started after it, or waiting for it) read that."""
+    listing = Path(opts.out) / FILE_LIST
+    if rank_zero_only.rank == 0:
+        files = list_images(opts.data)
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        partial = listing.with_suffix(".partial")
+        partial.write_text("".join(f"{f}\n" for f in files))
+        partial.replace(listing)
+        return files
+    for _ in range(600):
+        if listing.is_file():
+            return [Path(line) for line in listing.read_text().splitlines()]
+        time.sleep(1)
+    raise UsageError(f"{listing}: rank 0 did not list --data within 10 minutes")
+
+
+def image_files(opts: TrainOptions) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files) of an image folder: --val_data's first --val_images
+    spread over its classes, or as many taken from --data the same way."""
+    files = shared_file_list(opts)
+    if opts.val_data is None:
+        held_out = spread_over_classes(files, opts.val_images)
+        files = sorted(set(files) - set(held_out))
+    else:
+        held_out = spread_over_classes(list_images(opts.val_data), opts.val_images)
+    if len(files) < opts.batch_size or len(held_out) < opts.val_images:
+        raise UsageError(f"--data {opts.data}: {len(files)} training and {len(held_out)} held-out "
+                         f"images, fewer than --batch_size {opts.batch_size} and --val_images "
+                         f"{opts.val_images}")
+    return files, held_out
+
+
+def spread_over_classes(files: list[Path], n: int) -> list[Path]:
+    """`n` of `files`, one per class (folder) round-robin over the classes, which are taken
+    evenly spaced over their sorted order: a fixed, class-stratified choice."""
+    by_class: dict[Path, list[Path]] = {}
+    for f in sorted(files):
+        by_class.setdefault(f.parent, []).append(f)
+    classes = sorted(by_class)
+    spaced = sorted(classes, key=lambda c: (classes.index(c) * n) % len(classes))
+    picked = []
+    for depth in range(max((len(v) for v in by_class.values()), default=0)):
+        picked += [by_class[c][depth] for c in spaced if depth < len(by_class[c])]
+    return picked[:n]
+
+
+def _datasets(opts: TrainOptions, resolution: int, preprocessing: Preprocessing, files):
     if opts.data == TOY_DATA:
         return (ToyWorldPairs(opts.toy_images, TOY_TRAIN_SEED, resolution, preprocessing),
                 ToyWorldPairs(opts.val_images, TOY_VAL_SEED, resolution, preprocessing))
-    files = list_images(opts.data)   # the first few (sorted) are held out
-    return (ImageFolderPairs(files[opts.val_images:], resolution, preprocessing, augment=True),
-            ImageFolderPairs(files[:opts.val_images], resolution, preprocessing, augment=False))
+    train, held_out = files
+    return (ImageFolderPairs(train, resolution, preprocessing, augment=True),
+            ImageFolderPairs(held_out, resolution, preprocessing, augment=False))
 
 
 def _loaders(opts: TrainOptions, train, val):
@@ -234,21 +299,60 @@ def precision(opts: TrainOptions) -> str:
     return "32" if opts.precision == "auto" else opts.precision
 
 
-def _trainer(opts: TrainOptions):
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
+class ExportDecoder(pl.Callback):
+    """Writes the decoder file (the exported weights, see FeatInvTraining.decoder_state_dict)
+    every `every` steps, from rank 0, replacing the previous one only once it is complete."""
 
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = path, every
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 and step != getattr(self, "_done", None):
+            self._done = step
+            self.export(trainer, module)
+
+    def export(self, trainer, module) -> None:
+        if trainer.is_global_zero:
+            partial = self.path.with_suffix(".partial")
+            save_decoder(module.model, module.record, partial, weights=module.decoder_state_dict())
+            partial.replace(self.path)
+
+
+def _loggers(out: str) -> list:
+    """CSV always; TensorBoard too when it is installed (`pip install .[tensorboard]`)."""
+    loggers = [CSVLogger(out, name="log")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append(TensorBoardLogger(out, name="tensorboard"))
+    return loggers
+
+
+def _trainer(opts: TrainOptions, export: ExportDecoder):
     return pl.Trainer(
         accelerator=opts.accelerator, devices=opts.devices, strategy=opts.strategy,
         precision=precision(opts), max_epochs=opts.epochs, max_steps=opts.max_steps,
-        default_root_dir=opts.out, logger=CSVLogger(opts.out, name="log"),
+        accumulate_grad_batches=opts.accumulate, gradient_clip_val=opts.grad_clip,
+        default_root_dir=opts.out, logger=_loggers(opts.out),
         callbacks=[ModelCheckpoint(dirpath=opts.out, save_last=True, save_top_k=0,
                                    every_n_train_steps=opts.checkpoint_every),
-                   LearningRateMonitor(logging_interval="step")],
-        val_check_interval=opts.val_every, check_val_every_n_epoch=None,
+                   LearningRateMonitor(logging_interval="step"), export],
+        val_check_interval=opts.val_every * opts.accumulate, check_val_every_n_epoch=None,
         log_every_n_steps=opts.log_every, num_sanity_val_steps=0,
         enable_progress_bar=opts.progress, enable_model_summary=False)
+
+
+class _NoAdvertisement(logging.Filter):
+    """Drops Lightning's tip to install its cloud logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute the UNet's and the ControlNet's blocks in the backward pass (less memory)."""
+    for module in model.modules():
+        if hasattr(module, "use_checkpoint"):
+            module.use_checkpoint = True
 
 
 def project_relative(path: str) -> str:
@@ -274,8 +378,7 @@ def run(opts: TrainOptions, train_set=None):
     """Train (or continue) the decoder of `opts`; → (the FeatInvTraining module, a summary).
     `train_set`: prepared training pairs (e.g. data.CachedPairs) instead of --data's."""
     check_options(opts)
-    import pytorch_lightning as pl
-
+    files = None if opts.data == TOY_DATA else image_files(opts)
     start = time.perf_counter()
     pl.seed_everything(opts.seed, workers=True, verbose=False)
     base_config = load_config(opts.base)
@@ -283,30 +386,52 @@ def run(opts: TrainOptions, train_set=None):
                                 spatial=opts.spatial)
     record = _record(opts, extractor, base_config)
     model = new_decoder(record, opts.ckpt)
+    if opts.grad_checkpoint:
+        enable_gradient_checkpointing(model)
     module = FeatInvTraining(model, extractor, record, lr=opts.lr, lr_schedule=opts.lr_schedule,
-                             timesteps=opts.timesteps, ema_decay=opts.ema_decay)
+                             timesteps=opts.timesteps, ema_decay=opts.ema_decay,
+                             warmup_steps=opts.warmup_steps, seed=opts.seed,
+                             val_steps=opts.val_steps)
     resolution = model.image_size * model.latent_downsample_factor
-    train, val = _datasets(opts, resolution, extractor.preprocessing)
+    train, val = _datasets(opts, resolution, extractor.preprocessing, files)
     train_loader, val_loader = _loaders(opts, train_set or train, val)
-    trainer = _trainer(opts)
+    if opts.benchmark_loader:
+        return module, benchmark_loader(train_loader, opts.benchmark_loader)
     out = Path(opts.out)
+    export = ExportDecoder(out / DECODER, opts.export_every)
+    trainer = _trainer(opts, export)
     with warnings.catch_warnings():
         # the frozen base model and extractor are in eval mode on purpose
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+        # a deprecation inside Lightning 2.6 itself, nothing a user of this command can change
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         # Lightning's checkpoints hold plain data only: read them with weights_only=True
         trainer.fit(module, train_loader, val_loader, weights_only=True,
                     ckpt_path=out / LAST if opts.resume else None)
     if trainer.global_step % opts.checkpoint_every:   # Lightning's last save was earlier
         trainer.save_checkpoint(out / LAST, weights_only=False)
+    export.export(trainer, module)
     summary = {"steps": trainer.global_step, "seconds": round(time.perf_counter() - start, 1),
                **{k: float(v) for k, v in trainer.callback_metrics.items()}}
     if trainer.is_global_zero:   # the one process that writes files (and the CSV log)
         summary["train/loss_recent"] = recent_mean(logged(out, "train/loss"))
-        save_decoder(model, record, out / DECODER, weights=module.decoder_state_dict())
         (out / "decoder.json").write_text(json.dumps(
             {"record": json.loads(record.to_json()), "options": asdict(opts), "summary": summary},
             indent=1))
     return module, summary
+
+
+def benchmark_loader(loader, batches: int) -> dict:
+    """Images/s of `loader` over `batches` batches (after the first, which starts workers)."""
+    iterator = iter(loader)
+    next(iterator)
+    start, images, skipped = time.perf_counter(), 0, 0
+    for _, batch in zip(range(batches), iterator):
+        images += len(batch["image"])
+        skipped += int(batch["skipped"])
+    seconds = time.perf_counter() - start
+    return {"loader_images_per_s": round(images / seconds, 1), "images": images,
+            "skipped": skipped, "workers": loader.num_workers}
 
 
 def logged(out: str | Path, key: str) -> list[float]:
@@ -323,11 +448,13 @@ def recent_mean(values: list[float], n: int = 10) -> float | None:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdvertisement())
     try:
         _, summary = run(opts)
     except (UsageError, ConfigError, CheckpointError, ExtractorSpecError,
             ResumeMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary))
+    if rank_zero_only.rank == 0:   # one summary per run, not one per process
+        print(json.dumps(summary))
     return 0
