@@ -28,5 +28,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ldm", "ldm.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0", "diffusers==0.42.1"]},
+    extras_require={"test": ["pytest==9.2.0", "diffusers==0.42.1"],
+                    # sample images and curves of scripts/train_featinv.py in TensorBoard
+                    "tensorboard": ["tensorboard==2.21.0"]},
 )
