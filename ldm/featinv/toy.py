@@ -54,7 +54,7 @@ RECIPE = {"hint_hidden_channels": 128, "batch_size": 32, "lr": 1e-3, "lr_schedul
           "warmup_steps": 50, "toy_images": 16384, "timesteps": "cubic", "ema_decay": 0.995,
           "val_images": 8, "val_every": 500, "checkpoint_every": 500, "log_every": 20,
           "workers": 0, "seed": 7}
-STEPS = {"spatial": 1500, "pooled": 500}
+STEPS = {"spatial": 2500, "pooled": 500}
 ATTRIBUTES = ("shape_acc", "colour_acc", "size_class_acc", "background_acc", "pos_err_mean_px",
               "clean_rate")
 # Agreement of a random world image with a target (uniform attributes; size classes 50/50).
