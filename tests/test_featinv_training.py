@@ -241,3 +241,10 @@ def test_a_finished_run_is_not_overwritten(trained, root, capsys):
     out, _ = trained
     assert main(flags(root, out, "--max_steps", "3")) == 2
     assert "already holds a training (last.ckpt): add --resume" in capsys.readouterr().err
+
+
+def test_loader_benchmark_prints_images_per_second(root, tmp_path, capsys):
+    assert main(flags(root, tmp_path / "bench", "--benchmark_loader", "1", "--workers", "0")) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 2 and result["loader_images_per_s"] > 0 and result["skipped"] == 0
+    assert not (tmp_path / "bench" / "last.ckpt").exists()
