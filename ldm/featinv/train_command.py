@@ -348,6 +348,9 @@ class _NoAdvertisement(logging.Filter):
         return "litlogger" not in record.getMessage()
 
 
+NO_ADVERTISEMENT = _NoAdvertisement()
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Recompute the UNet's and the ControlNet's blocks in the backward pass (less memory)."""
     for module in model.modules():
@@ -378,6 +381,7 @@ def run(opts: TrainOptions, train_set=None):
     """Train (or continue) the decoder of `opts`; → (the FeatInvTraining module, a summary).
     `train_set`: prepared training pairs (e.g. data.CachedPairs) instead of --data's."""
     check_options(opts)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(NO_ADVERTISEMENT)
     files = None if opts.data == TOY_DATA else image_files(opts)
     start = time.perf_counter()
     pl.seed_everything(opts.seed, workers=True, verbose=False)
@@ -448,7 +452,6 @@ def recent_mean(values: list[float], n: int = 10) -> float | None:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdvertisement())
     try:
         _, summary = run(opts)
     except (UsageError, ConfigError, CheckpointError, ExtractorSpecError,
