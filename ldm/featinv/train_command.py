@@ -1,14 +1,17 @@
 r"""Training a FeatInv decoder with PyTorch Lightning (the driver of scripts/train_featinv.py).
 
     python scripts/train_featinv.py --extractor torchvision:resnet50@layer4 --spatial \
-        --data /imagenet/train --base configs/minisd.yaml --ckpt miniSD.ckpt --out runs/rn50
+        --data /imagenet/train --base configs/stable-diffusion/minisd-inference.yaml \
+        --ckpt miniSD.ckpt --out runs/rn50
 
-Defaults are FeatInv's recipe (AdamW, lr 1e-5, batch 8, 3 epochs, hint dropout 0.15). The run's
-folder DIR receives Lightning's resumable `last.ckpt` (the ControlNet and the optimizer only),
-its CSV logs `log/version_N/metrics.csv` (train/loss, val/cosine; one version per start, as
-Lightning does) and, at the end, `decoder.safetensors` (the ControlNet's weights,
-`control_model.*`, with the decoder's record in the metadata) and `decoder.json` (the record,
-the options and a summary). Flags are checked before any model loads.
+Defaults are FeatInv's recipe (AdamW, lr 1e-5, batch 8, 3 epochs, hint dropout 0.15); bf16 on
+CUDA. The run's folder DIR receives Lightning's resumable `last.ckpt` (the ControlNet, its EMA
+and the optimizer only), its CSV logs `log/version_N/metrics.csv` (train/loss, val/cosine; one
+version per start, as Lightning does), validation images `val/step_N.png`, the file list
+`files.txt` (rank 0 walks --data once), and, every --export_every steps and at the end,
+`decoder.safetensors` (the ControlNet's exported weights, `control_model.*`, with the decoder's
+record in the metadata), then `decoder.json` (the record, the options and a summary). Flags are
+checked before any model loads.
 """
 from __future__ import annotations
 
