@@ -1,4 +1,6 @@
 """FeatInv's training pairs: both views show the same crop; the toy world's are reproducible."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.extractors.preprocessing import Preprocessing
-from ldm.featinv.data import ImageFolderPairs, ToyWorldPairs, list_images
+from ldm.featinv.data import ImageFolderPairs, ToyWorldPairs, list_images, skip_unreadable
+from ldm.featinv.train_command import spread_over_classes
 
 UNIT = Preprocessing(input_size=12, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -51,3 +54,21 @@ def test_toy_items_are_fixed_by_seed_and_index():
     assert not torch.equal(a[1]["image"], a[2]["image"])
     assert not torch.equal(ToyWorldPairs(3, 6, 32, UNIT)[2]["image"], b[2]["image"])
     assert a[2]["pixels"].shape == (3, 12, 12) and a[2]["index"] == 2
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    quadrants(tmp_path / "a.png")
+    Image.fromarray(np.full((30, 30), 128, np.uint8)).save(tmp_path / "grey.png")   # mode L
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    data = ImageFolderPairs(list_images(tmp_path), 24, UNIT, augment=False)
+    batch = skip_unreadable([data[k] for k in range(len(data))])
+    assert batch["image"].shape == (2, 3, 24, 24) and int(batch["skipped"]) == 1
+
+
+def test_held_out_images_spread_over_the_classes():
+    files = [Path(f"/data/class{c:02d}/img{i}.jpg") for c in range(10) for i in range(3)]
+    held_out = spread_over_classes(files, 4)
+    assert len({f.parent for f in held_out}) == 4
+    assert {f.parent.name for f in held_out} != {"class00", "class01", "class02", "class03"}
+    assert spread_over_classes(files, 4) == held_out
+    assert len(set(spread_over_classes(files, 12))) == 12   # more than the classes: round-robin

@@ -12,6 +12,8 @@ from ldm.models.diffusion.controlled_ddpm import (HintConditioned, HintedDenoise
                                                   control_ldm_config)
 from ldm.models.loading import build_model
 from ldm.util import ConfigError, instantiate_from_config
+import featinv_reference as reference
+from sd_checkpoint import lightning_checkpoint
 from tiny_models import tiny_config, write_tiny_sd
 
 FEATINV_TINY = "configs/tiny/featinv-tiny.yaml"
@@ -50,63 +52,78 @@ def inputs(batch=2, seed=1):
             torch.randn(batch, 5, 32, generator=g), torch.randn(batch, *HINT, generator=g))
 
 
-# --- FeatInv's layout, written from its config and cldm code -----------------------------------
+# --- A checkpoint of FeatInv's own tree (tests/featinv_reference.py), as its training saves it --
 
-def featinv_layout(config, base_state: dict) -> dict[str, tuple]:
-    """Key → shape of a ControlLDM state dict as FeatInv's code builds it (cldm.ControlNet with
-    FeatInvInputHintBlock, CompVis ControlNet's DDPM). The copied parts have the UNet's keys
-    (FeatInv's tool_add_control copies control_model.X from model.diffusion_model.X)."""
-    p = config.model.params.control_stage_config.params
-    layout = {k: tuple(v.shape) for k, v in base_state.items()}
-    layout["logvar"] = (config.model.params.timesteps,)              # a buffer of their DDPM
-    layout["cond_stage_model.transformer.text_model.embeddings.position_ids"] = (1, 77)
-    for k, v in base_state.items():
-        part = k.removeprefix("model.diffusion_model.")
-        if part.split(".")[0] in ("time_embed", "input_blocks", "middle_block"):
-            layout["control_model." + part] = tuple(v.shape)
-    widths = [p.model_channels]                                       # input block outputs
-    for level, mult in enumerate(p.channel_mult):
-        widths += [mult * p.model_channels] * p.num_res_blocks
-        if level != len(p.channel_mult) - 1:
-            widths.append(mult * p.model_channels)
-    for n, ch in enumerate(widths):
-        layout[f"control_model.zero_convs.{n}.0.weight"] = (ch, ch, 1, 1)
-        layout[f"control_model.zero_convs.{n}.0.bias"] = (ch,)
-    layout["control_model.middle_block_out.0.weight"] = (widths[-1], widths[-1], 1, 1)
-    layout["control_model.middle_block_out.0.bias"] = (widths[-1],)
-    hidden = p.hint_hidden_channels
-    for index, shape in ((1, (hidden, p.hint_channels)), (3, (hidden, hidden)),
-                         (5, (p.model_channels, hidden))):
-        layout[f"control_model.input_hint_block.block.{index}.weight"] = (*shape, 3, 3)
-        layout[f"control_model.input_hint_block.block.{index}.bias"] = (shape[0],)
-    return layout
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
 
-def random_state(layout: dict[str, tuple], seed=3) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: (torch.arange(shape[-1]).expand(shape).clone() if k.endswith("position_ids")
-                else torch.randn(shape, generator=g)) for k, shape in layout.items()}
-
-
-def test_featinv_layout_checkpoint_loads_strictly(tmp_path):
+def featinv_config():
+    """configs/tiny/featinv-tiny.yaml with FeatInv's hint width (512, fixed in its code)."""
     config = OmegaConf.load(FEATINV_TINY)
-    base_state = build_model(tiny_config(1000)).state_dict()
-    state = random_state(featinv_layout(config, base_state))
+    config.model.params.control_stage_config.params.hint_hidden_channels = reference.HINT_HIDDEN
+    return config
+
+
+def featinv_state(config, seed=3) -> dict[str, torch.Tensor]:
+    """The state_dict of FeatInv's ControlLDM of `config`, random: its ControlledUnetModel and
+    ControlNet from FeatInv's own module tree; the first stage, the text encoder and the
+    schedule's buffers are SD v1's (checked against diffusers in test_equivalence_diffusers),
+    plus the `logvar` buffer of its DDPM and the text encoder's `position_ids`."""
+    p = config.model.params
+    base = build_model(tiny_config(p.timesteps)).state_dict()
+    state = {k: v for k, v in base.items() if not k.startswith("model.diffusion_model.")}
+    torch.manual_seed(seed)
+    for prefix, module in (("model.diffusion_model.", reference.ControlledUnetModel(p.unet_config.params)),
+                           ("control_model.", reference.ControlNet(p.control_stage_config.params,
+                                                                   p.image_size))):
+        state.update({prefix + k: torch.randn(v.shape) for k, v in module.state_dict().items()})
+    state["logvar"] = torch.zeros(p.timesteps)
+    state[POSITION_IDS] = torch.arange(77)[None]
+    return state
+
+
+def lightning_1x_checkpoint(state: dict) -> dict:
+    """What FeatInv's training (PyTorch Lightning 1.x, AdamW over the ControlNet) saves."""
+    control = [k for k in state if k.startswith("control_model.")]
+    adam = {i: {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(state[k]),
+                "exp_avg_sq": torch.zeros_like(state[k])} for i, k in enumerate(control)}
+    groups = [{"lr": 1e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01,
+               "amsgrad": False, "params": list(adam)}]
+    return {**lightning_checkpoint(state), "hyper_parameters": {"only_mid_control": False},
+            "optimizer_states": [{"state": adam, "param_groups": groups}], "lr_schedulers": []}
+
+
+def names_and_shapes(state: dict, prefix: str = "") -> list[tuple[str, tuple]]:
+    return [(k.removeprefix(prefix), tuple(v.shape)) for k, v in state.items()
+            if k.startswith(prefix)]
+
+
+def test_featinv_tree_has_our_names_shapes_and_order():
+    config = featinv_config()
+    state, ours = featinv_state(config), build_model(config).state_dict()
+    for prefix in ("control_model.", "model.diffusion_model."):
+        assert names_and_shapes(state, prefix) == names_and_shapes(ours, prefix)
+    assert state["control_model.input_hint_block.block.3.weight"].shape == (512, 512, 3, 3)
+
+
+def test_featinv_lightning_checkpoint_loads_strictly_and_weights_only(tmp_path):
+    config = featinv_config()
+    state = featinv_state(config)
     path = tmp_path / "control_featinv_tiny_fin.ckpt"
-    torch.save({"state_dict": state, "global_step": 3}, path)   # as Lightning writes it
+    torch.save(lightning_1x_checkpoint(state), path)
     model = build_model(config)
-    dropped = load_featinv_checkpoint(model, path)
-    assert dropped == sorted(["logvar", SD_V1_IGNORABLE_KEYS[2]])
+    dropped = load_featinv_checkpoint(model, path)   # ldm.checkpoint: torch.load(weights_only)
+    assert dropped == sorted(["logvar", POSITION_IDS])
     own = model.state_dict()
     assert own.keys() == state.keys() - set(dropped)
     assert all(torch.equal(own[k], state[k]) for k in own)
 
 
-def test_featinv_layout_missing_zero_conv_is_an_error(tmp_path):
-    config = OmegaConf.load(FEATINV_TINY)
-    state = random_state(featinv_layout(config, build_model(tiny_config(1000)).state_dict()))
+def test_featinv_checkpoint_missing_zero_conv_is_an_error(tmp_path):
+    config = featinv_config()
+    state = featinv_state(config)
     del state["control_model.zero_convs.2.0.bias"]
-    torch.save(state, tmp_path / "broken.ckpt")
+    torch.save(lightning_1x_checkpoint(state), tmp_path / "broken.ckpt")
     with pytest.raises(CheckpointMismatchError, match=r"1 missing.*\n.*\n.*zero_convs\.2\.0\.bias"):
         load_featinv_checkpoint(build_model(config), tmp_path / "broken.ckpt")
 

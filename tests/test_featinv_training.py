@@ -1,4 +1,5 @@
-"""FeatInv training through PyTorch Lightning on the tiny SD-layout model and a few images.
+"""FeatInv training through PyTorch Lightning on the tiny SD-layout model and a few images: a run
+with loader workers, an EMA, gradient accumulation and validation images, its resume, DDP.
 
 Training runs in subprocesses, as from the command line (DDP launches its own processes)."""
 import csv
@@ -15,8 +16,8 @@ from PIL import Image
 
 from ldm.checkpoint import load_state_dict
 from ldm.featinv import load_decoder, read_record
-from ldm.featinv import train
-from ldm.featinv.train import main
+from ldm.featinv import train_command as train
+from ldm.featinv.train_command import main
 from ldm.toy import world
 from tiny_models import write_tiny_sd
 
@@ -26,7 +27,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIB
 TRAIN_AND_INSPECT = """
 import json, sys, torch
 from ldm.checkpoint import load_state_dict
-from ldm.featinv.train import parse_args, run
+from ldm.featinv.train_command import parse_args, run
 module, summary = run(parse_args(sys.argv[2:]))
 base = load_state_dict(sys.argv[1])
 state = module.model.state_dict()
@@ -79,12 +80,16 @@ def root(tmp_path_factory):
     return folder
 
 
+RECIPE = ("--workers", "2", "--accumulate", "2", "--ema_decay", "0.5", "--export_every", "2")
+
+
 @pytest.fixture(scope="module")
 def trained(root):
-    """Three training steps in a subprocess; → (run folder, what the trained module showed)."""
+    """Three training steps (two batches each) in a subprocess, two loader workers, an EMA;
+    → (run folder, what the trained module showed)."""
     out = root / "run"
     done = subprocess.run([sys.executable, "-c", TRAIN_AND_INSPECT, str(root / "tiny.ckpt"),
-                           *flags(root, out, "--max_steps", "3")],
+                           *flags(root, out, "--max_steps", "3", *RECIPE)],
                           cwd=REPO, env=ENV, timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads(done.stdout.strip().splitlines()[-1])
@@ -103,6 +108,10 @@ def test_outputs_of_a_run(trained, root):
     assert summary["steps"] == 3 and np.isfinite(summary["train/loss_recent"])
     assert -1 <= summary["val/cosine"] <= 1
     assert logged_steps(out, 0) == [0, 1, 2]
+    samples = Image.open(out / "val" / "step_0000002.png")   # validated at step 2: 2 pairs
+    assert samples.width > 2 * samples.height
+    listed = (out / "files.txt").read_text().splitlines()
+    assert len(listed) == 6 and Path(listed[0]).is_file()
     record = read_record(out / "decoder.safetensors")
     assert (record.extractor, record.layer, record.spatial, record.hint_shape) == \
         ("toy:all", "body.17", True, (128, 2, 2))
@@ -113,7 +122,7 @@ def test_lightning_checkpoint_is_plain_data_with_the_controlnet_only(trained):
     out, _ = trained
     checkpoint = torch.load(out / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3
-    assert checkpoint["state_dict"] and all(k.startswith("model.control_model.")
+    assert checkpoint["state_dict"] and all(k.startswith(("model.control_model.", "ema."))
                                             for k in checkpoint["state_dict"])
     assert checkpoint["optimizer_states"][0]["state"]
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == 3     # the cosine decay's step
@@ -125,17 +134,20 @@ def test_saved_decoder_loads_strictly_into_a_fresh_model(trained, root):
     saved = load_state_dict(out / "decoder.safetensors")
     assert saved.keys() == {"control_model." + k for k in model.control_model.state_dict()}
     checkpoint = torch.load(out / "last.ckpt", weights_only=True)["state_dict"]
-    for key, value in saved.items():
-        assert torch.equal(value, checkpoint["model." + key])
+    for key, value in saved.items():   # the exported weights are the EMA's
+        assert torch.equal(value, checkpoint["ema.module." + key.removeprefix("control_model.")])
+    assert any(not torch.equal(v, checkpoint["model." + k]) for k, v in saved.items())
     assert record.hint_hidden_channels == 8
 
 
 def test_resume_continues_the_step_count(trained, root):
     out, _ = trained
     done = run_script(flags(root, out, "--max_steps", "5", "--resume"))
+    assert done.returncode == 2 and "resume with the same --ema_decay" in done.stderr
+    done = run_script(flags(root, out, "--max_steps", "5", "--resume", *RECIPE))
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "decoder.json").read_text())["summary"]["steps"] == 5
-    assert logged_steps(out, 1) == [3, 4]
+    assert logged_steps(out, 2) == [3, 4]   # version 1: the refused start
     assert torch.load(out / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
@@ -147,22 +159,57 @@ def test_resume_of_another_decoder_is_refused(trained, root):
     assert "trained for another decoder" in done.stderr
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_ddp(root):
-    out = root / "ddp"
-    done = run_script(flags(root, out, "--max_steps", "2", "--devices", "2", "--strategy", "ddp"))
+RECORD_DRAWS = """
+import json, os, sys
+import torch
+from ldm.models.diffusion.controlled_ddpm import ControlLDM
+from ldm.featinv.train_command import main
+
+def recording_q_sample(self, z0, t, noise, _q_sample=ControlLDM.q_sample):
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with open(os.path.join(os.environ["DRAWS"], f"rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps({"t": t.tolist(), "noise": noise.flatten()[:8].tolist()}) + "\\n")
+    return _q_sample(self, z0, t, noise)
+
+ControlLDM.q_sample = recording_q_sample   # only training draws noisy latents (validation samples)
+sys.exit(main())
+"""
+
+
+def ddp_draws(root: Path, name: str) -> dict[int, list]:
+    """Train 2 steps with 2 CPU processes (DDP over gloo); → each rank's timesteps and noise."""
+    script, draws = root / "record_draws.py", root / f"{name}_draws"
+    script.write_text(RECORD_DRAWS)
+    draws.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(script), *flags(root, root / name, "--max_steps", "2", "--devices",
+                                             "2", "--strategy", "ddp", "--workers", "0")],
+        cwd=REPO, env={**ENV, "DRAWS": str(draws), "PYTHONPATH": str(REPO)}, timeout=300,
+        capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "distributed_backend=gloo" in done.stderr + done.stdout
-    assert "Starting with 2 processes" in done.stderr + done.stdout
-    assert json.loads((out / "decoder.json").read_text())["summary"]["steps"] == 2
-    load_decoder(out / "decoder.safetensors", root / "tiny.ckpt", root / "tiny.yaml")
+    assert done.stdout.count('"steps": 2') == 1       # one summary, from rank 0
+    assert "litlogger" not in done.stderr + done.stdout
+    load_decoder(root / name / "decoder.safetensors", root / "tiny.ckpt", root / "tiny.yaml")
+    return {rank: [json.loads(line) for line in (draws / f"rank{rank}.jsonl").read_text().splitlines()]
+            for rank in (0, 1)}
+
+
+@pytest.mark.slow
+def test_ddp_ranks_draw_their_own_numbers_reproducibly(root):
+    first = ddp_draws(root, "ddp")
+    assert len(first[0]) == len(first[1]) == 2
+    for step in range(2):
+        assert first[0][step]["t"] != first[1][step]["t"]
+        assert first[0][step]["noise"] != first[1][step]["noise"]
+    assert ddp_draws(root, "ddp_again") == first
 
 
 BAD_FLAGS = [   # changes to good flags (None: add the bare flag) → the error's words
     ({"--extractor": "toy:all@body.99"}, "has no layer 'body.99'"),
     ({"--extractor": "toy:all"}, "spatial=True needs a layer"),
     ({"--data": "/no/such/folder"}, "no such folder"),
-    ({"--val_images": "5"}, "6 images, fewer than --val_images 5 + --batch_size 2"),
+    ({"--val_images": "5"}, "1 training and 5 held-out images, fewer than --batch_size 2"),
     ({"--ckpt": "/no/such.ckpt"}, "must exist"),
     ({"--batch_size": "0"}, "--batch_size must be at least 1"),
     ({"--resume": None}, "does not exist"),
@@ -194,3 +241,10 @@ def test_a_finished_run_is_not_overwritten(trained, root, capsys):
     out, _ = trained
     assert main(flags(root, out, "--max_steps", "3")) == 2
     assert "already holds a training (last.ckpt): add --resume" in capsys.readouterr().err
+
+
+def test_loader_benchmark_prints_images_per_second(root, tmp_path, capsys):
+    assert main(flags(root, tmp_path / "bench", "--benchmark_loader", "1", "--workers", "0")) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 2 and result["loader_images_per_s"] > 0 and result["skipped"] == 0
+    assert not (tmp_path / "bench" / "last.ckpt").exists()

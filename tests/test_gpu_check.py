@@ -23,6 +23,8 @@ def test_quick_cpu_run_writes_the_table_and_json(tmp_path, one_thread, capsys):
     assert all(g["status"] == "not measured" for g in data["goals"])   # no GPU targets on a CPU
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.startswith("# GPU check: cpu") and "## Correctness" in table and "## Targets" in table
+    training, = data["featinv_training"]   # --quick: the tiny stand-in, batch 1
+    assert training["batch"] == 1 and training["images_per_s"] > 0 and "## FeatInv training" in table
 
 
 def test_without_cuda_the_cuda_check_says_what_to_do(capsys):

@@ -18,7 +18,7 @@ from ldm.cli import main as decode_main
 from ldm.cli.signals import StopOnSignals
 from ldm.featinv import FEATINV_PROMPT, DecoderRecord, new_decoder, save_decoder
 from ldm.featinv.data import ImageFolderPairs
-from ldm.featinv.train import main
+from ldm.featinv.train_command import main
 from ldm.extractors.preprocessing import Preprocessing
 from ldm.run_folder import names
 from ldm.toy import world

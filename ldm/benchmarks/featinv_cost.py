@@ -4,7 +4,7 @@ no weights, no memory), and the time estimates for ImageNet that follow from the
     python -m ldm.benchmarks.featinv_cost [--hint 2048 7 7] [--tflops 400]
 
 One training step of one image at FeatInv's 256 px (32x32x4 latents, miniSD = the SD v1
-architecture): the VAE encoder and the extractor without gradients, then the controlled UNet
+architecture, configs/stable-diffusion/minisd-inference.yaml) and at SD v1's 512 px (64x64x4): the VAE encoder and the extractor without gradients, then the controlled UNet
 forward and backward with only the ControlNet trainable (the backward runs through the frozen
 UNet's decoder to reach the ControlNet's residuals). Sampling: 50 DDIM steps with classifier-free
 guidance (two controlled-UNet evaluations each) and one VAE decode. The extractor is a stand-in
@@ -75,9 +75,12 @@ def main(argv=None) -> int:
                              "H100's dense bf16 peak)")
     args = parser.parse_args(argv)
     hint = tuple(args.hint)
-    flops = step_flops(meta_model(hint), hint)
-    out = {"hint": list(hint), "gflop": {k: v / 1e9 for k, v in flops.items()},
-           "assumed_tflops_per_gpu": args.tflops, **estimate(flops, args.tflops)}
+    model = meta_model(hint)
+    out = {"hint": list(hint), "assumed_tflops_per_gpu": args.tflops}
+    for pixels in (256, 512):
+        flops = step_flops(model, hint, latent=pixels // 8)
+        out[f"{pixels}px"] = {"gflop": {k: v / 1e9 for k, v in flops.items()},
+                              **estimate(flops, args.tflops)}
     print(json.dumps(out, indent=1))
     return 0
 

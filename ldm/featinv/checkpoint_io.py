@@ -17,6 +17,7 @@ from ldm.checkpoint import CheckpointError, load_pickled
 from ldm.files import DISK_FULL, atomic_write
 
 TRAINED = "model.control_model."   # the trained parameters' keys in the module's state_dict
+EMA = "ema."                        # their exponential moving average's keys
 # What Lightning reads back from a checkpoint, and their types.
 LAYOUT = {"state_dict": dict, "optimizer_states": list, "loops": dict, "epoch": int,
           "global_step": int, "featinv_record": str}
@@ -34,7 +35,7 @@ def check_training_checkpoint(path, checkpoint) -> None:
         if type(checkpoint.get(key)) is not kind:
             raise damaged(f"no {kind.__name__} {key!r}")
     for key, value in checkpoint["state_dict"].items():
-        if not (isinstance(key, str) and key.startswith(TRAINED) and isinstance(value, torch.Tensor)):
+        if not (isinstance(key, str) and key.startswith((TRAINED, EMA)) and isinstance(value, torch.Tensor)):
             raise damaged(f"its state_dict holds {str(key)[:100]!r}, not a ControlNet tensor")
 
 

@@ -8,6 +8,8 @@ Every item is a dict with
 
 An image folder gives FeatInv's augmentation (RandomResizedCrop, horizontal and vertical flips;
 validation: the centre square); the toy world generates its images on the fly from fixed seeds.
+`CachedPairs` holds what training computes from a pair, for data without augmentation (the toy
+world): the latent posterior's mean and std and the hint.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
@@ -37,6 +39,23 @@ def list_images(folder: str | Path) -> list[Path]:
                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def open_rgb(path: Path) -> Image.Image | None:
+    """The image at `path` as RGB (raster formats only: ldm/images.py); None if it cannot be
+    read (corrupt, truncated, a decompression bomb, not an image), with a warning naming it."""
+    try:
+        return read_rgb(path)
+    except ImageFileError as err:
+        print(f"warning: skipping {err}", file=sys.stderr)
+        return None
+
+
+def skip_unreadable(items: list[dict | None]) -> dict:
+    """The loader's collate: the readable items batched, with "skipped": how many were not."""
+    readable = [item for item in items if item is not None]
+    batch = default_collate(readable) if readable else {}
+    return {**batch, "skipped": torch.tensor(len(items) - len(readable))}
+
+
 class ImageFolderPairs(Dataset):
     """Training pairs from image files: random crops if `augment`, else the centre square."""
 
@@ -44,25 +63,9 @@ class ImageFolderPairs(Dataset):
                  augment: bool):
         self.files, self.resolution = list(files), resolution
         self.preprocessing, self.augment = preprocessing, augment
-        self.skipped: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.files)
-
-    def _readable(self, index: int) -> Image.Image:
-        """The image of `index`, or, if that file is broken (truncated, a decompression bomb, not
-        an image), the next readable one: one bad file does not stop a training; each is
-        reported once, with the count so far (per process)."""
-        for k in range(len(self.files)):
-            path = self.files[(index + k) % len(self.files)]
-            try:
-                return read_rgb(path)
-            except ImageFileError as err:
-                if path not in self.skipped:
-                    self.skipped.add(path)
-                    print(f"warning: skipping {err} ({len(self.skipped)} skipped so far)",
-                          file=sys.stderr)
-        raise ImageFileError(f"none of the {len(self.files)} images is readable")
 
     def _box(self, image: Image.Image) -> tuple[int, int, int, int]:
         """(top, left, height, width) of the crop."""
@@ -71,8 +74,10 @@ class ImageFolderPairs(Dataset):
         side = min(image.size)
         return (image.height - side) // 2, (image.width - side) // 2, side, side
 
-    def __getitem__(self, index: int) -> dict:
-        image = self._readable(index)
+    def __getitem__(self, index: int) -> dict | None:
+        image = open_rgb(self.files[index])
+        if image is None:
+            return None
         box = self._box(image)
         flips = torch.rand(2) < 0.5 if self.augment else (False, False)
         p = self.preprocessing
@@ -113,3 +118,20 @@ class ToyWorldPairs(Dataset):
         image = self._at(x, self.resolution, InterpolationMode.BICUBIC)
         pixels = self._at(x, p.input_size, p.interpolation)
         return {"image": image * 2 - 1, "pixels": normalised(pixels, p), "index": index}
+
+
+class CachedPairs(Dataset):
+    """Precomputed training inputs: item k is {"latent_mean", "latent_std": the first stage's
+    posterior of image k (unscaled; training samples from it), "hint": its feature's hint}."""
+
+    def __init__(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, hint: torch.Tensor):
+        if not len(latent_mean) == len(latent_std) == len(hint):
+            raise ValueError("latent means, stds and hints of different lengths")
+        self.latent_mean, self.latent_std, self.hint = latent_mean, latent_std, hint
+
+    def __len__(self) -> int:
+        return len(self.hint)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"latent_mean": self.latent_mean[index], "latent_std": self.latent_std[index],
+                "hint": self.hint[index], "index": index}

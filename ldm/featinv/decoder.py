@@ -29,6 +29,10 @@ FORMAT = "featinv-controlnet/1"
 FEATINV_PROMPT = "a high-quality, detailed, and professional image"
 
 
+class ResumeMismatchError(ValueError):
+    """--resume of a training checkpoint written for another decoder (another record)."""
+
+
 @dataclass(frozen=True)
 class DecoderRecord:
     """What a decoder decodes and what it steers, stored in its safetensors metadata.
@@ -136,10 +140,12 @@ def new_decoder(record: DecoderRecord, base_ckpt: str | Path, base_config: str |
 
 
 def save_decoder(model: ControlLDM, record: DecoderRecord, path: str | Path,
-                 dtype: torch.dtype = torch.float32) -> None:
-    """The ControlNet's weights (as `dtype`) and the record, as one safetensors file."""
-    tensors = {k: v.detach().to("cpu", dtype).contiguous()
-               for k, v in control_state_dict(model).items()}
+                 dtype: torch.dtype = torch.float32,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The ControlNet's weights (as `dtype`) and the record, as one safetensors file; `weights`:
+    other `control_model.*` tensors to write instead of the model's (a training's EMA)."""
+    weights = control_state_dict(model) if weights is None else weights
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.items()}
     atomic_write(Path(path), lambda tmp: write_safetensors(tmp, tensors, {METADATA_KEY: record.to_json()}))
 
 
