@@ -3,7 +3,7 @@
 import pytest
 
 from ldm.featinv import load_decoder, read_record
-from ldm.featinv.toy import (EXTRACTORS, PRE_POOL_LAYER, TOY_GUIDANCE, decode, decoder_name,
+from ldm.toy_build.featinv_decoders import (EXTRACTORS, PRE_POOL_LAYER, TOY_GUIDANCE, decode, decoder_name,
                              measure)
 from ldm.paths import shipped
 from ldm.toy import world

@@ -58,7 +58,7 @@ def _decoder(options: DecoderOptions, settings: GuidanceSettings | None, tiny: b
 
 
 def _toy_file(extractor_name: str, spatial: bool) -> str:
-    from ldm.featinv.toy import decoder_name
+    from ldm.toy_build.featinv_decoders import decoder_name
 
     return str(shipped(f"models/toy/{decoder_name(extractor_name, spatial)}.safetensors"))
 
@@ -79,7 +79,7 @@ def _toy_kind(kind: str, guidance_scale: float, settings=None, *, spatial: bool 
 
 
 def featinv(spatial: bool = True, steps: int = 50, guidance_scale: float = 5.0):
-    """FeatInv's DDIM sampler on the shipped toy decoder (ldm/featinv/toy.py)."""
+    """FeatInv's DDIM sampler on the shipped toy decoder (ldm/toy_build/featinv_decoders.py)."""
     return _toy_kind("featinv", guidance_scale, spatial=spatial, steps=steps)
 
 

@@ -5,7 +5,7 @@ features, a ControlNet on a frozen latent diffusion model conditioned on the fea
     hint = feature_to_hint(record.build_extractor().image_features(pil))  # ldm.featinv.hints
     z = sample_ddim(model, shape, cond, uncond, hint, generators=gens)   # ldm.models.diffusion.ddim
 
-Training: ldm.featinv.train_command (scripts/train_featinv.py); the toy world's decoders: ldm.featinv.toy.
+Training: ldm.featinv.train_command (scripts/train_featinv.py); the toy world's decoders: ldm.toy_build.featinv_decoders.
 """
 from ldm.featinv.decoder import (FEATINV_PROMPT, DecoderRecord, load_decoder,
                                  load_featinv_checkpoint, new_decoder, read_record, save_decoder)

@@ -21,7 +21,7 @@ TOY_DEFAULTS = {
     "optim_num_steps": [8, 2],
     "optim_early_emp_end": 900,
     "optim_timesteps": 100,
-    # The toy LDM is unconditional: its trained decoders are guided over the hint (ldm/featinv/toy.py).
+    # The toy LDM is unconditional: its trained decoders are guided over the hint (ldm/toy_build/featinv_decoders.py).
     "featinv_guidance": 5.0,
     # Torch threads of every toy script: its models are too small to gain from a second thread,
     # and on a shared 2-core CPU two threads were 4-5x slower (measured: docs/toy-world.md).

@@ -233,8 +233,8 @@ def train_taesd(ctx: Context) -> None:
 @stage("featinv")
 def train_featinv(ctx: Context) -> None:
     """FeatInv decoders (ControlNets on the frozen toy LDM) of the three extractors' spatial
-    map and pooled vector, measured on held-out targets (ldm/featinv/toy.py)."""
-    from ldm.featinv.toy import train_toy_decoders
+    map and pooled vector, measured on held-out targets (ldm/toy_build/featinv_decoders.py)."""
+    from ldm.toy_build.featinv_decoders import train_toy_decoders
 
     ctx.metrics["featinv"] = train_toy_decoders(ctx.out_dir, ctx.log)
 

@@ -30,6 +30,7 @@ from ldm.featinv.data import CachedPairs, ToyWorldPairs
 from ldm.featinv.train_command import TOY_DATA, TOY_TRAIN_SEED, TrainOptions, run
 from ldm.models.loading import load_model
 from ldm.models.diffusion.controlled_ddpm import ControlLDM
+from ldm.decoders.sampling import target_generators, to_unit_range
 from ldm.models.diffusion.ddim import sample_ddim
 from ldm.models.diffusion.trained_decoding import FeatInvDenoiser
 from ldm.objectives import cosine_similarity
@@ -102,10 +103,10 @@ def decode(model: ControlLDM, record: DecoderRecord, targets: torch.Tensor,
     """Images in [0, 1] decoded from the features of `targets` ([N, 3, 32, 32] in [0, 1])."""
     hint = feature_to_hint(record.build_extractor()(targets * 2 - 1))
     shape = (len(targets), model.channels, model.image_size, model.image_size)
-    generators = [torch.Generator().manual_seed(SAMPLING_SEED + b) for b in range(len(targets))]
+    generators = target_generators(SAMPLING_SEED + b for b in range(len(targets)))
     z = sample_ddim(FeatInvDenoiser(model, hint, guidance_scale), shape, steps=steps,
-                    guidance_scale=1.0, generators=generators)
-    return ((model.decode_first_stage(z) + 1) / 2).clamp(0, 1)
+                    guidance_scale=1.0, generators=generators)   # no scores: training's evaluation
+    return to_unit_range(model.decode_first_stage(z))
 
 
 @torch.no_grad()
