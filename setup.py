@@ -31,7 +31,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ldm", "ldm.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8", "diffusers>=0.30"],
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3", "diffusers>=0.30"],
                     # sample images and curves of scripts/train_featinv.py in TensorBoard
                     "tensorboard": ["tensorboard>=2.14"]},
 )

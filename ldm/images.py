@@ -8,7 +8,6 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ldm.errors import InputError
-from ldm.extractors.preprocessing import to_rgb
 
 RASTER_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -20,6 +19,7 @@ class ImageFileError(InputError):
 
 def read_rgb(path: str | Path) -> Image.Image:
     """The image at `path` as 8-bit RGB, upright (`to_rgb`, which needs the file's own tags)."""
+    from ldm.extractors.preprocessing import to_rgb   # torch: not for figures' --help
     path = Path(path)
     if not path.is_file():
         kind = "a folder" if path.is_dir() else "not a regular file" if path.exists() else "missing"

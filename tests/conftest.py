@@ -1,5 +1,6 @@
 """Shared fixtures: absolute paths of the shipped model configs (tests may run from any cwd);
 Ctrl-C that stops the test run even while a test runs the command line in this process."""
+import os
 import signal
 from pathlib import Path
 
@@ -83,6 +84,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def pytest_configure(config):
+    """Under `pytest -n 2` (make test), each worker process runs torch on one thread: two
+    workers of two threads each on the 2-core CPU would make convolutions many times slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA: skipped, with the reason, where there is none."""
     if torch.cuda.is_available():
@@ -93,16 +101,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def registry_as_it_was():
-    """Classes a test registers (a script's own extractor class registers itself when its
-    command line runs) are forgotten after it, as they would be at the end of a process."""
+@pytest.fixture(scope="session")
+def registry_at_start():
+    """The extractor registry as a process starts with it (its plugins loaded)."""
     from ldm.extractors import registry
 
     registry.load_plugins()
-    aliases, classes = dict(registry.ALIASES), dict(registry.LOCAL_CLASSES)
+    return dict(registry.ALIASES), dict(registry.LOCAL_CLASSES)
+
+
+@pytest.fixture(autouse=True)
+def registry_as_it_was(registry_at_start):
+    """Classes a test or a fixture registers (a script's own extractor class registers itself
+    when its command line runs) are forgotten after each test, as at the end of a process."""
+    from ldm.extractors import registry
+
     yield
-    registry.ALIASES.clear()
-    registry.ALIASES.update(aliases)
-    registry.LOCAL_CLASSES.clear()
-    registry.LOCAL_CLASSES.update(classes)
+    for live, start in zip((registry.ALIASES, registry.LOCAL_CLASSES), registry_at_start):
+        live.clear()
+        live.update(start)

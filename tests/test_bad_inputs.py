@@ -24,7 +24,8 @@ from ldm.extractors.clip import ClipRN50Extractor
 from ldm.run_folder import RunFolder, names
 from ldm.run_folder.state_file import FORMAT, VERSION
 from ldm.targets import read_image
-from tiny_models import REPO, TARGET, TinyExtractor, run_cli, tiny_args, tiny_config, tiny_model, write_tiny_sd
+from tiny_models import (REPO, TARGET, TinyExtractor, run_cli, stopped_run, tiny_args, tiny_config, tiny_model,
+                         write_tiny_sd)
 
 T = 20
 FAST = ["--optim_forward_guidance", "--optim_timesteps", "2"]
@@ -217,6 +218,7 @@ def test_integer_or_nan_weights_are_refused(sd_files, tmp_path, capsys, change, 
 
 # --- targets that can only be judged by their features (after the models load) ---------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, extra, message", [
     (lambda p: np.save(p.with_suffix(".npy"), np.full(8, np.nan, np.float32)), [], "holds NaN or inf values"),
     (lambda p: np.save(p.with_suffix(".npy"), np.zeros(8, np.float32)), ["--loss", "cosine"], "is zero everywhere"),
@@ -315,19 +317,8 @@ def test_outputs_set_aside_by_a_killed_overwrite_come_back(sd_files, tmp_path, c
 
 def interrupted(sd_files, folder: Path, capsys, monkeypatch) -> None:
     """A run stopped (as by SIGINT) after 3 iterations."""
-    from ldm.cli.signals import StopOnSignals
-    polls = {"n": 0}
-
-    def stop(self):
-        polls["n"] += 1
-        if polls["n"] > 3:
-            import signal
-            self.signum = signal.SIGINT
-        return self.signum is not None
-
-    with monkeypatch.context() as m:
-        m.setattr(StopOnSignals, "__call__", stop)
-        code, _, err = cli(TinyExtractor, [*args_for(sd_files, folder), "--optim_timesteps", "6"], capsys)
+    code, _, err = stopped_run(TinyExtractor, [*args_for(sd_files, folder), "--optim_timesteps", "6"],
+                               capsys, monkeypatch)
     assert code == 130, err
 
 

@@ -17,6 +17,7 @@ def benchmark():
     return speed
 
 
+@pytest.mark.slow
 def test_small_run_writes_every_field(benchmark, tmp_path, capsys):
     out = tmp_path / "results.json"
     benchmark.run(["--models", "sd", "toy", "--config", str(REPO / "configs/tiny/sd-v1-tiny.yaml"),

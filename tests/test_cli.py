@@ -112,6 +112,7 @@ def check_outputs(folder: Path, with_cosine: bool, printed: bool = True):
     return metrics
 
 
+@pytest.mark.slow
 def test_resnet50_script(sd_files, weights, tmp_path, capsys):
     folder = tmp_path / "nested" / "out"        # parents are created
     code, out, err = run_script("resnet50_guided.py", common(
@@ -123,6 +124,7 @@ def test_resnet50_script(sd_files, weights, tmp_path, capsys):
     assert "final: squared distance" in out
 
 
+@pytest.mark.slow
 def test_clip_scripts_image_and_text(sd_files, weights, tmp_path, capsys):
     clip_weights = ["--extractor_weights", weights / "rn50.safetensors"]
     code, _, err = run_script("clip_guided.py", common(
@@ -164,6 +166,7 @@ def code_of_page(page: str) -> str:
     return re.search(r"```python\n(# scripts/convnext_guided.py\n.*?)```", page, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_readme_example_adds_a_model(sd_files, tmp_path, capsys):
     """docs/adding-a-model.md's script, copied verbatim, runs with every flag."""
     from torchvision.models import convnext_tiny
@@ -239,6 +242,7 @@ def test_timm_model_through_the_registry(sd_files, tmp_path, capsys):
     assert metrics["extractor"] == "timm:test_resnet" and len(metrics["feature_shape"]) == 1
 
 
+@pytest.mark.slow
 def test_torchvision_intermediate_layer_pooled_and_spatial(sd_files, weights, tmp_path, capsys):
     resnet = ["--extractor_weights", weights / "resnet50.safetensors", "--prompt", REPO / "data/examples/chelsea.jpg"]
     code, _, err = run_script("resnet50_guided.py", common(sd_files, tmp_path / "pooled", *resnet,

@@ -8,11 +8,15 @@ import pytest
 
 import ldm.benchmarks.toy as toy_benchmark
 
+pytestmark = pytest.mark.slow   # a benchmark: minutes
+
 # Measured with --compare --quick (1 thread): cosine guided 0.972, fast preset 0.968, FeatInv
-# spatial 0.705, hybrid 0.982 (hybrid - FeatInv 0.277). The toy benchmark moved by up to 0.25 in
-# attribute accuracy on another machine's kernels, so the bounds sit well below these.
+# spatial 0.705, hybrid 0.982 (hybrid - FeatInv 0.277); with the retrained toy decoders (issue 19,
+# torch's default threads): guided 0.990, fast preset 0.955, FeatInv spatial 0.875, hybrid 0.982
+# (hybrid - FeatInv 0.108). The toy benchmark moved by up to 0.25 in attribute accuracy on another
+# machine's kernels, so the bounds sit well below these.
 COSINE_MIN = {"guided": 0.93, "fast preset": 0.92, "featinv spatial": 0.55, "hybrid": 0.93}
-HYBRID_GAIN_MIN = 0.12
+HYBRID_GAIN_MIN = 0.05
 GUIDED_ITERATIONS = 260                  # the toy defaults: 10 timesteps x 8 + 90 x 2
 
 

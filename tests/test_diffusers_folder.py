@@ -223,7 +223,7 @@ def test_featinv_decoder_on_a_folder_base(folder, ours, tmp_path):
     (the default --config, as the command line passes it, is not read)."""
     from ldm.featinv.decoder import DecoderRecord, load_decoder, new_decoder, save_decoder
     record = DecoderRecord("toy:all", "body.17", True, (8, 4, 4), str(folder), 24, "a prompt")
-    model = new_decoder(record, folder)
+    model = new_decoder(record, folder, folder)
     base = ours.state_dict()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())
     unet = {k.removeprefix("model.diffusion_model."): v for k, v in base.items()

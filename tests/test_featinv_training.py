@@ -140,6 +140,7 @@ def test_saved_decoder_loads_strictly_into_a_fresh_model(trained, root):
     assert record.hint_hidden_channels == 8
 
 
+@pytest.mark.slow
 def test_resume_continues_the_step_count(trained, root):
     out, _ = trained
     done = run_script(flags(root, out, "--max_steps", "5", "--resume"))

@@ -160,6 +160,7 @@ def golden_subprocess(mode: str, root: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_golden_outputs(tmp_path):
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip(f"golden outputs are pinned to x86-64 AVX2 kernels; this is {platform.machine()}")

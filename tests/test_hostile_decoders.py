@@ -16,20 +16,16 @@ from safetensors.torch import save_file
 
 from ldm.checkpoint import CheckpointError
 from ldm.cli import main
-from ldm.featinv import FEATINV_PROMPT, DecoderRecord, load_decoder, new_decoder, save_decoder
+from ldm.featinv import load_decoder
 from ldm.featinv.decoder import METADATA_KEY, read_record
 from ldm.images import ImageFileError, read_rgb
 from ldm.run_folder import RunFolderError, load_run
-from tiny_models import TinyExtractor, run_cli, tiny_args, write_tiny_sd
+from tiny_models import TinyExtractor, run_cli, tiny_args, write_tiny_featinv
 
 
 @pytest.fixture(scope="module")
 def tiny_decoder(tmp_path_factory):
-    folder = write_tiny_sd(tmp_path_factory.mktemp("hostile_decoder"))
-    record = DecoderRecord("tiny", None, False, (8, 1, 1), str(folder / "tiny.yaml"), 16, FEATINV_PROMPT)
-    save_decoder(new_decoder(record, folder / "tiny.ckpt", folder / "tiny.yaml"), record,
-                 folder / "decoder.safetensors")
-    return folder
+    return write_tiny_featinv(tmp_path_factory.mktemp("hostile_decoder"))
 
 
 def rewritten(folder, tmp_path, change_tensors=None, change_record=None):

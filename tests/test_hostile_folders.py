@@ -2,13 +2,12 @@
 `.overwritten` that is a link, a folder holding a log.txt of someone else's, a target's subfolder
 that is a link, and an `--overwrite` killed after its new run had written files."""
 import json
-import signal
 import os
 
 import pytest
 
 from ldm.run_folder import RunFolder, names
-from tiny_models import REPO, TARGET, TinyExtractor, run_cli, tiny_args, write_tiny_sd
+from tiny_models import REPO, TARGET, TinyExtractor, run_cli, stopped_run, tiny_args, write_tiny_sd
 
 FAST = ["--optim_forward_guidance", "--optim_timesteps", "2"]
 SECOND = TARGET.parent / "coffee.jpg"
@@ -103,20 +102,9 @@ def edit_state(path, change) -> None:
     (lambda s, r: r.update(fingerprint=[1]), "fingerprint is [1]"),
 ])
 def test_crafted_resume_states_are_refused(sd_files, tmp_path, capsys, monkeypatch, change, message):
-    from ldm.cli.signals import StopOnSignals
     folder = tmp_path / "out"
-    polls = {"n": 0}
-
-    def stop(self):
-        polls["n"] += 1
-        if polls["n"] > 3:
-            self.signum = signal.SIGINT
-        return self.signum is not None
-
     args = tiny_args(sd_files, folder, "--optim_forward_guidance", "--optim_timesteps", "6")
-    with monkeypatch.context() as m:
-        m.setattr(StopOnSignals, "__call__", stop)
-        assert run_cli(TinyExtractor, args, capsys)[0] == 130
+    assert stopped_run(TinyExtractor, args, capsys, monkeypatch)[0] == 130
     edit_state(folder / names.STATE, change)
     before = snapshot(folder)
     code, _, err = run_cli(TinyExtractor, [*args, "--resume"], capsys)

@@ -16,13 +16,12 @@ from PIL import Image
 
 from ldm.cli import main as decode_main
 from ldm.cli.signals import StopOnSignals
-from ldm.featinv import FEATINV_PROMPT, DecoderRecord, new_decoder, save_decoder
-from ldm.featinv.data import ImageFolderPairs
+from ldm.featinv.data import ImageFolderPairs, skip_unreadable
 from ldm.featinv.train_command import main
 from ldm.extractors.preprocessing import Preprocessing
 from ldm.run_folder import names
 from ldm.toy import world
-from tiny_models import TinyExtractor, tiny_args, write_tiny_sd
+from tiny_models import TinyExtractor, tiny_args, write_tiny_featinv, write_tiny_sd
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
@@ -127,10 +126,11 @@ def test_unreadable_training_images_are_skipped_and_counted(root, tmp_path, caps
     files = [tmp_path / "bomb.png", good[0], tmp_path / "eps.png", tmp_path / "dir.png", good[1]]
     data = ImageFolderPairs(files, 32, Preprocessing(input_size=32), augment=False)
     items = [data[k] for k in range(len(files))]
-    assert all(item["image"].shape == (3, 32, 32) for item in items)
-    assert data.skipped == {tmp_path / "bomb.png", tmp_path / "eps.png", tmp_path / "dir.png"}
+    assert [item is None for item in items] == [True, False, True, True, False]
+    batch = skip_unreadable(items)                 # the loader's collate: left out and counted
+    assert batch["image"].shape == (2, 3, 32, 32) and int(batch["skipped"]) == 3
     err = capsys.readouterr().err
-    assert err.count("warning: skipping") == 3 and "(3 skipped so far)" in err
+    assert err.count("warning: skipping") == 3 and "eps.png" in err and "dir.png" in err
 
 
 def test_a_full_disk_warns_for_last_ckpt_and_fails_cleanly_for_the_decoder(root, tmp_path, capsys, monkeypatch):
@@ -172,11 +172,7 @@ def test_sigterm_stops_a_training_with_last_ckpt_saved(root, tmp_path):
 
 @pytest.fixture(scope="module")
 def featinv_files(tmp_path_factory):
-    folder = write_tiny_sd(tmp_path_factory.mktemp("featinv_stop"))
-    record = DecoderRecord("tiny", None, False, (8, 1, 1), str(folder / "tiny.yaml"), 16, FEATINV_PROMPT)
-    save_decoder(new_decoder(record, folder / "tiny.ckpt", folder / "tiny.yaml"), record,
-                 folder / "decoder.safetensors")
-    return folder
+    return write_tiny_featinv(tmp_path_factory.mktemp("featinv_stop"))
 
 
 def test_sigterm_stops_a_featinv_run_and_an_overwrite_keeps_the_old_results(featinv_files, tmp_path, capsys,

@@ -238,6 +238,7 @@ def torchrun(sd_files, args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_torchrun_shards_targets_over_two_gloo_processes(sd_files, alone, tmp_path):
     for n in range(2):
         np.save(tmp_path / f"feature_{n}.npy", np.random.default_rng(n).normal(size=8).astype(np.float32))

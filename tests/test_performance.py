@@ -135,6 +135,7 @@ def test_channels_last_gives_the_same_output(cond):
     torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3 * before.abs().max().item())
 
 
+@pytest.mark.slow
 def test_compiled_model_guides_like_eager(cond):
     # aot_eager traces the graphs and their backward as inductor would, without C++ codegen
     # (inductor itself takes minutes to compile even this model on one core).

@@ -111,6 +111,7 @@ def reference(sd_files, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_point_then_resume_gives_identical_outputs(sd_files, reference, tmp_path):
     seed = int(os.environ.get("RESUME_TEST_SEED", random.SystemRandom().randrange(10 ** 6)))
     rng = random.Random(seed)
@@ -139,6 +140,7 @@ def test_sigkill_at_a_random_point_then_resume_gives_identical_outputs(sd_files,
     assert [r["at_iteration"] for r in resumes] == [killed_at], context
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_save_the_run_and_the_printed_command_resumes_it(sd_files, reference, tmp_path):
     folder = tmp_path / "out"
     rng = random.Random(int(os.environ.get("RESUME_TEST_SEED", "0")) + 1)

@@ -9,6 +9,8 @@ import pytest
 
 import ldm.benchmarks.toy as toy_benchmark
 
+pytestmark = pytest.mark.slow   # a benchmark: minutes
+
 # Measured with --quick (2 threads): cosine 0.986 / 1.000 / 0.982; shape net shape 1.00, colour
 # 0.17 (chance 0.17); colour net colour 1.00, shape 0.42 (unguided 0.17, chance 0.25); all net
 # shape 0.92, colour 0.92. Full benchmark (50 targets): 0.92 / 0.16, 0.98 / 0.40, 0.92 / 0.70.

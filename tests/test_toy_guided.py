@@ -27,6 +27,7 @@ def test_shipped_toy_ldm_loads_strictly(toy_model):
     # Its size, with every other toy model's: tests/test_toy_world.py::test_shipped_weights_are_small.
 
 
+@pytest.mark.slow
 def test_unguided_toy_samples_look_like_the_world(toy_model):
     torch.manual_seed(0)
     samples = sample_unguided(toy_model, 16, seed=3)

@@ -90,3 +90,34 @@ def start_runner(sd_files: Path, args: list[str], runner: list[str] | None = Non
     command = [*(runner or [sys.executable]), str(sd_files / "tiny_guided.py"), *map(str, args)]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen_kwargs)
+
+
+def write_tiny_featinv(folder: Path) -> Path:
+    """`write_tiny_sd` plus `decoder.safetensors`: a FeatInv decoder of TinyExtractor's pooled
+    feature on it, as training starts it (ControlNet copied from the UNet, zero convolutions)."""
+    from ldm.featinv import FEATINV_PROMPT, DecoderRecord, new_decoder, save_decoder
+
+    folder = write_tiny_sd(folder)
+    record = DecoderRecord("tiny", None, False, (8, 1, 1), str(folder / "tiny.yaml"), 16, FEATINV_PROMPT)
+    save_decoder(new_decoder(record, folder / "tiny.ckpt", folder / "tiny.yaml"), record,
+                 folder / "decoder.safetensors")
+    return folder
+
+
+def stopped_run(extractor, argv, capsys, monkeypatch, after: int = 3) -> tuple[int, str, str]:
+    """`run_cli`, stopped as SIGINT stops it once `after` iterations are done (the stop flag is
+    polled at each iteration boundary)."""
+    import signal
+
+    from ldm.cli.signals import StopOnSignals
+    polls = {"n": 0}
+
+    def stop(self):
+        polls["n"] += 1
+        if polls["n"] > after:
+            self.signum = signal.SIGINT
+        return self.signum is not None
+
+    with monkeypatch.context() as m:
+        m.setattr(StopOnSignals, "__call__", stop)
+        return run_cli(extractor, argv, capsys)

@@ -241,9 +241,7 @@ def shared_file_list(opts: TrainOptions) -> list[Path]:
     if rank_zero_only.rank == 0:
         files = list_images(opts.data)
         listing.parent.mkdir(parents=True, exist_ok=True)
-        partial = listing.with_suffix(".partial")
-        partial.write_text("".join(f"{f}\n" for f in files))
-        partial.replace(listing)
+        atomic_write_text(listing, "".join(f"{f}\n" for f in files))
         return files
     for _ in range(600):
         if listing.is_file():
@@ -332,10 +330,8 @@ class ExportDecoder(pl.Callback):
             self.export(trainer, module)
 
     def export(self, trainer, module) -> None:
-        if trainer.is_global_zero:
-            partial = self.path.with_suffix(".partial")
-            save_decoder(module.model, module.record, partial, weights=module.decoder_state_dict())
-            partial.replace(self.path)
+        if trainer.is_global_zero:   # save_decoder writes atomically
+            save_decoder(module.model, module.record, self.path, weights=module.decoder_state_dict())
 
 
 def _loggers(out: str) -> list:
