@@ -31,14 +31,13 @@ from PIL import Image
 from torch import nn
 
 from ldm.decoders import DecoderKind, DecoderOptions, make_decoding, sample_batch, to_unit_range
-from ldm.decoders.trained import describe_target
 from ldm.extractors import FeatureExtractor, build_extractor
 from ldm.models.diffusion.feature_guidance import GuidanceSettings, GuidedResult
 from ldm.models.diffusion.mixed_precision import autocast_dtype
 from ldm.models.loading import DEFAULT_CKPT, DEFAULT_CONFIG
 from ldm.objectives import FeatureDistance, check_target
 from ldm.scorelog import Score, format_line
-from ldm.target_features import TargetFeatures
+from ldm.target_features import TargetFeatures, describe_target
 from ldm.targets import Target, TargetError, expand_targets, read_image
 
 def paper_settings(clip: float = 3.0, **changes) -> GuidanceSettings:

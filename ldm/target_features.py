@@ -9,6 +9,13 @@ from ldm.targets import (Target, TargetError, expand_targets, load_feature_file,
                          target_features)
 
 
+def describe_target(target) -> str:
+    """How an error names a target: its kind and source, or that it was a tensor."""
+    if isinstance(target, Target):
+        return f"{target.kind} target {target.source!r}"
+    return "the target tensor" if isinstance(target, torch.Tensor) else f"target {target!r}"
+
+
 class TargetFeatures:
     """Turns targets into feature tensors with an extractor (no diffusion model needed)."""
 

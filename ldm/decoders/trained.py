@@ -14,7 +14,8 @@ from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.models.diffusion.feature_guidance import sample_feature_guided
 from ldm.models.diffusion.mixed_precision import MixedPrecision, autocast_dtype
 from ldm.models.diffusion.trained_decoding import FeatInvDenoiser, sample_featinv
-from ldm.targets import Target, TargetError
+from ldm.target_features import TargetFeatures, describe_target
+from ldm.targets import TargetError
 
 
 def _network(spec: str) -> tuple[str, str] | str:
@@ -26,12 +27,6 @@ def _network(spec: str) -> tuple[str, str] | str:
     except ValueError:
         return spec
     return parsed.library, parsed.model
-
-
-def describe_target(target) -> str:
-    if isinstance(target, Target):
-        return f"{target.kind} target {target.source!r}"
-    return "the target tensor" if isinstance(target, torch.Tensor) else f"target {target!r}"
 
 
 class Trained(DecoderKind):
@@ -75,7 +70,6 @@ class Trained(DecoderKind):
     def hint(self, target, goal: torch.Tensor) -> torch.Tensor:
         """The hint for `target`: its feature `goal`, or the target read by the decoder's own
         extractor (which a feature target cannot give)."""
-        from ldm.target_features import TargetFeatures
         from ldm.featinv import feature_to_hint
 
         if self.hint_extractor is None:
