@@ -249,3 +249,40 @@ def test_loader_benchmark_prints_images_per_second(root, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["images"] == 2 and result["loader_images_per_s"] > 0 and result["skipped"] == 0
     assert not (tmp_path / "bench" / "last.ckpt").exists()
+
+
+OWN_NET = '''
+import torch
+from torch import nn
+
+from ldm.extractors import FeatureExtractor
+from ldm.extractors.preprocessing import Preprocessing
+
+
+class MyNet(FeatureExtractor):
+    preprocessing = Preprocessing(input_size=32)
+
+    def __init__(self, weights=None, device="cpu"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.freeze().to(device)
+
+    def embed(self, x):
+        return self.model(x)
+'''
+
+
+def test_a_class_of_the_users_own_trains_a_decoder(root):
+    """--extractor file.py:Class@layer: a model of the user's own, as a registry name would."""
+    (root / "mynet.py").write_text(OWN_NET)
+    out = root / "own"
+    pooled = lambda out, layer: [a for a in flags(root, out, "--extractor", f"{root / 'mynet.py'}:MyNet@{layer}",  # noqa: E731
+                                                  "--max_steps", "1") if a != "--spatial"]
+    done = run_script(pooled(out, 2))
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "decoder.json").read_text())["record"]
+    assert (record["extractor"], record["layer"], record["hint_shape"]) == ("local:MyNet", "2", [8, 1, 1])
+    bad = run_script(pooled(root / "own_bad", 9))
+    assert bad.returncode == 2 and "valid names near '9'" in bad.stderr and "Traceback" not in bad.stderr

@@ -21,7 +21,7 @@ from ldm.cli.batch import BatchRun, Job, RunContext, RunStopped
 from ldm.cli.options import SETTING_FLAGS, TAESD_SD_DECODER, RunOptions, flag
 from ldm.cli.signals import StopOnSignals
 from ldm.errors import InputError, SettingError
-from ldm.extractors import (ExtractorSpecError, FeatureExtractor, build_extractor, parse_spec,
+from ldm.extractors import (FeatureExtractor, build_extractor, check_spec, parse_spec,
                             register_extractor)
 from ldm.extractors.weights import weights_kind
 from ldm.files import check_path_name, not_a_file
@@ -56,26 +56,10 @@ class ExtractorSource:
             if "@" in spec:
                 raise UsageError(f"--layer {options.layer!r}: the extractor {spec!r} already names a layer")
             spec = f"{spec}@{options.layer}"
-        check_on_meta(spec, options.spatial)
+        check_spec(spec, options.spatial)
         return cls(spec, lambda device: build_extractor(
             spec, weights=options.extractor_weights, weights_tag=options.weights_tag,
             device=device, spatial=options.spatial), parse_spec(spec).supports_text)
-
-
-def check_on_meta(spec: str, spatial: bool) -> None:
-    """The spec's model and layer, built with random weights on the meta device (the toy's are
-    small and shipped; a class of the user's that cannot be built there is checked when built)."""
-    library = parse_spec(spec).library
-    if library == "toy":
-        return
-    try:
-        with torch.device("meta"):
-            build_extractor(spec, weights="random", device="meta", spatial=spatial)
-    except ExtractorSpecError:
-        raise
-    except Exception:
-        if library != "local":
-            raise
 
 
 def pick_device(name: str | None) -> torch.device:

@@ -12,8 +12,8 @@ from ldm.extractors.base import FeatureExtractor
 from ldm.extractors.errors import ExtractorSpecError, TextTargetNotSupported, UnknownLayerError
 from ldm.extractors.clip import ClipRN50Extractor, OpenClipExtractor
 from ldm.extractors.module import ModuleExtractor
-from ldm.extractors.registry import (LIBRARIES, ExtractorSpec, build_extractor, list_extractors,
-                                     list_layers, parse_spec, register_extractor)
+from ldm.extractors.registry import (LIBRARIES, ExtractorSpec, build_extractor, check_spec,
+                                     list_extractors, list_layers, parse_spec, register_extractor)
 from ldm.extractors.torchvision_models import (ResNet50Extractor, TorchvisionExtractor,
                                                VitH14Extractor)
 from ldm.extractors.weights import WeightsNotFoundError
@@ -22,4 +22,4 @@ __all__ = ["LIBRARIES", "ClipRN50Extractor", "ExtractorSpec", "ExtractorSpecErro
            "FeatureExtractor", "ModuleExtractor", "OpenClipExtractor", "ResNet50Extractor",
            "TextTargetNotSupported", "TorchvisionExtractor", "UnknownLayerError",
            "VitH14Extractor", "WeightsNotFoundError", "build_extractor", "list_extractors",
-           "list_layers", "parse_spec", "register_extractor"]
+           "check_spec", "list_layers", "parse_spec", "register_extractor"]

@@ -302,3 +302,20 @@ def import_extractor_class(where: str, name: str) -> type[FeatureExtractor]:
     if cls.name == FeatureExtractor.name:
         cls.name = name
     return cls
+
+
+def check_spec(spec: str, spatial: bool = False) -> None:
+    """ExtractorSpecError for a spec whose model, layer or readout is wrong, found by building it
+    with random weights on the meta device (nothing read or loaded); the toy's are small and
+    shipped, and a class of the user's that cannot be built there is checked when it is built."""
+    library = parse_spec(spec).library
+    if library == "toy":
+        return
+    try:
+        with torch.device("meta"):
+            build_extractor(spec, weights=RANDOM, device="meta", spatial=spatial)
+    except ExtractorSpecError:
+        raise
+    except Exception:
+        if library != "local":
+            raise

@@ -36,7 +36,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.checkpoint import CheckpointError
 from ldm.errors import InputError
-from ldm.extractors import ExtractorSpecError, build_extractor, parse_spec
+from ldm.extractors import ExtractorSpecError, build_extractor, check_spec, parse_spec
 from ldm.extractors.preprocessing import Preprocessing
 from ldm.featinv.data import ImageFolderPairs, ToyWorldPairs, list_images, skip_unreadable
 from ldm.featinv.decoder import (FEATINV_PROMPT, MAX_HIDDEN_CHANNELS, DecoderRecord,
@@ -223,13 +223,12 @@ def check_options(opts: TrainOptions) -> None:
 
 
 def _check_extractor(spec: str, spatial: bool) -> None:
-    """Spec, model and layer names (non-toy models on the meta device: nothing is read)."""
+    """Spec, model and layer names (the toy's built, others on the meta device: nothing is read)."""
     try:
         if parse_spec(spec).library == "toy":
             build_extractor(spec, spatial=spatial)
             return
-        with torch.device("meta"):
-            build_extractor(spec, weights="random", device="meta", spatial=spatial)
+        check_spec(spec, spatial)
     except ExtractorSpecError as e:
         raise UsageError(f"--extractor: {e}") from None
 
