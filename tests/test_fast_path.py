@@ -92,14 +92,71 @@ def test_a_cheap_gradient_decoder_steers_but_the_full_one_renders(model, objecti
                 assert not torch.allclose(best.image, tiny(best.latent[None])[0], atol=1e-3)
 
 
+def test_the_stride_guides_every_nth_timestep_below_its_boundary(model, objective):
+    settings = GuidanceSettings(**{**GUIDED, "timesteps": 10, "guidance_stride": 3, "stride_below": 12})
+    timesteps = settings.schedule(T)
+    guided = [i for k, i in enumerate(timesteps) if settings.guided_at(timesteps, k)]
+    # Every timestep from 12 up is guided; below, every third counted from the last (timestep 0).
+    assert guided == [i for i in timesteps if i >= 12] + [i for k, i in enumerate(timesteps)
+                                                         if i < 12 and (len(timesteps) - 1 - k) % 3 == 0]
+    assert timesteps[-1] in guided
+    assert settings.total_iterations(T) == sum(settings.recurrences(timesteps, k) for k in range(len(timesteps)))
+    calls = {"n": 0}
+
+    def counting(images):
+        calls["n"] += 1
+        return objective(images)
+    result, scores = run(model, counting, timesteps=10, guidance_stride=3, stride_below=12, skip_guided_decode=True)
+    expected = sum(settings.recurrences(timesteps, k) for k in range(len(timesteps))
+                   if settings.guided_at(timesteps, k))
+    assert calls["n"] == expected + 1            # one extractor call per guided iteration, + the last score
+    assert result.iterations == settings.total_iterations(T)
+    assert torch.isfinite(result.final_images).all()
+
+
+def test_the_stride_off_is_the_respaced_sampler(model, objective):
+    plain, _ = run(model, objective, timesteps=10)
+    one, _ = run(model, objective, timesteps=10, guidance_stride=1, stride_below=5)
+    assert torch.equal(plain.final_images, one.final_images)
+
+
+def test_the_ddim_step_is_deterministic_and_draws_no_step_noise(model, objective):
+    ancestral, _ = run(model, objective, timesteps=10)
+    ddim, _ = run(model, objective, timesteps=10, step="ddim")
+    again, _ = run(model, objective, timesteps=10, step="ddim")
+    assert not torch.equal(ancestral.final_images, ddim.final_images)
+    assert torch.equal(ddim.final_images, again.final_images)
+    # One step by hand: z_prev = √ᾱ_prev ẑ0 + √(1 − ᾱ_prev) ε(z, ẑ0).
+    from ldm.models.diffusion.schedule import ddim_step
+    z, z0 = torch.randn(SHAPE), torch.randn(SHAPE)
+    t = torch.full((SHAPE[0],), 15, dtype=torch.long)
+    abar = model.alphas_cumprod[10]
+    expected = abar.sqrt() * z0 + (1 - abar).sqrt() * model.predict_noise_from_start(z, t, z0)
+    torch.testing.assert_close(ddim_step(model, z, t, z0, 10), expected)
+
+
+@pytest.mark.parametrize("changes, field", [({"step": "euler"}, "step"), ({"guidance_stride": 0}, "guidance_stride"),
+                                            ({"stride_below": -2}, "stride_below")])
+def test_bad_fast_path_settings_name_their_field(changes, field):
+    from ldm.errors import SettingError
+    with pytest.raises(SettingError) as err:
+        GuidanceSettings(**{**GUIDED, **changes})
+    assert err.value.parameter == field
+
+
 def test_fast_preset_settings():
     options = parse_options(build_parser("x"), ["--preset", "fast"])
     assert {k: getattr(options, k) for k in FAST} == FAST
     assert options.gradient_decoder == TAESD_SD_DECODER
     settings = options.settings()
-    assert settings.skip_guided_decode and settings.total_iterations(1000) == 260
+    timesteps = settings.schedule(1000)
+    guided = sum(settings.recurrences(timesteps, k) for k in range(len(timesteps)) if settings.guided_at(timesteps, k))
+    # 38 timesteps: 5 at >= 900 with K = 4, then K = 1, below 500 every third guided (the last one).
+    assert settings.skip_guided_decode and settings.gradient == "z0"
+    assert (settings.total_iterations(1000), guided) == (50, 38)
     assert parse_options(build_parser("x"), ["--preset", "fast", "--gradient_decoder", "none"]).gradient_decoder is None
     assert parse_options(build_parser("x"), ["--paper"]).skip_guided_decode is False
+    # The paper's guidance (w, clipping); only the schedule and the cost options differ.
     assert all(FAST[k] == v for k, v in PAPER.items() if k != "optim_print" and k not in
                ("optim_num_steps", "optim_early_emp_end"))
 

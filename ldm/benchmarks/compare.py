@@ -8,6 +8,8 @@ measured the same way.
   position, for the attributes the extractor encodes and for those it does not (which should
   stay near chance), the share of clean images, and the variety across seeds of the attributes
   the feature does not encode (distinct values over the seeds of a target; 0 = always the same).
+- The front (compare.png): fidelity, agreement on the encoded attributes and distance to chance
+  on the others, each over FLOPs per inversion.
 - Cost: denoiser (UNet) evaluations, extractor backward passes and seconds per target, and FLOPs
   per inversion (counted on one target with torch.utils.flop_counter).
 
@@ -148,34 +150,54 @@ def markdown(rows: list[dict], chance: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Fidelity against cost: mean cosine over FLOPs per inversion, one panel per extractor."""
+def verdicts(row: dict, chance: dict) -> tuple[float, float | None]:
+    """(mean agreement on the attributes the extractor encodes, mean distance to chance of the
+    agreement on those it does not; None if it encodes them all)."""
+    encoded = ENCODED[row["extractor"]]
+    kept = np.mean([row[f"{a}_acc"] for a in ATTRIBUTES if a in encoded])
+    free = [abs(row[f"{a}_acc"] - chance[f"{a}_acc"]) for a in ATTRIBUTES if a not in encoded]
+    return float(kept), float(np.mean(free)) if free else None
+
+
+def plot(rows: list[dict], path: Path, chance: dict) -> None:
+    """The front: fidelity (mean cosine), agreement on the encoded attributes and distance to
+    chance on the others, over FLOPs per inversion; one column per extractor."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     extractors = list(dict.fromkeys(r["extractor"] for r in rows))
-    fig, axes = plt.subplots(1, len(extractors), figsize=(4.2 * len(extractors), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], extractors):
-        for k, r in enumerate(r for r in rows if r["extractor"] == name):
-            ax.scatter(r["gflop_per_inversion"], r["cosine_mean"], color=f"C{k}", label=r["decoder"])
-        ax.set_xscale("log")
-        ax.set_xlabel("GFLOP per inversion (log)", fontsize=8)
-        ax.set_ylabel("cosine (mean)", fontsize=8)
-        ax.set_title(name, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
+    panels = (("cosine (mean)", lambda r: r["cosine_mean"]),
+              ("agreement, encoded attributes", lambda r: verdicts(r, chance)[0]),
+              ("|agreement - chance|, not encoded", lambda r: verdicts(r, chance)[1]))
+    fig, axes = plt.subplots(len(panels), len(extractors), figsize=(4.2 * len(extractors), 3.2 * len(panels)),
+                             squeeze=False)
+    for column, name in enumerate(extractors):
+        mine = [r for r in rows if r["extractor"] == name]
+        for ax, (label, value) in zip(axes[:, column], panels):
+            ax.set_visible(any(value(r) is not None for r in mine))
+            for k, r in enumerate(mine):
+                if value(r) is not None:
+                    ax.scatter(r["gflop_per_inversion"], value(r), color=f"C{k % 10}",
+                               marker="os^D"[k // 10 % 4], label=r["decoder"])
+            ax.set_xscale("log")
+            ax.set_xlabel("GFLOP per inversion (log)", fontsize=8)
+            ax.set_ylabel(label, fontsize=8)
+            ax.set_title(name, fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.04 + 0.012 * len(labels) / 3, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def run(decoders: dict, extractors: dict, model, n: int, seeds: int, out: Path, held_out_seed: int,
+def run(decoders: dict, extractors: dict, model, n: int, seeds: int, out: Path, target_seed: int,
         chance: dict) -> list[dict]:
     """Every decoder of `decoders` (name → factory(model, extractor, costs) → decode) on the
-    same `n` held-out targets with the same `seeds`; writes compare.json, compare.md and
+    same `n` targets (world seed `target_seed`) with the same `seeds`; writes compare.json, compare.md and
     compare.png into `out`; → the rows."""
-    targets, truth = world.make_dataset(n, held_out_seed)
+    targets, truth = world.make_dataset(n, target_seed)
     oracle, rows = Oracle(), []
     for extractor_name, extractor in extractors.items():
         with torch.no_grad():
@@ -189,8 +211,8 @@ def run(decoders: dict, extractors: dict, model, n: int, seeds: int, out: Path, 
             rows.append(row)
             tqdm.write(f"{extractor_name} {name}: cosine {row['cosine_mean']:.3f} (min {row['cosine_min']:.3f}), "
                        f"{row['gflop_per_inversion']:.2f} GFLOP, {row['seconds_per_target']:.2f} s/target")
-    (out / "compare.json").write_text(json.dumps({"n_targets": n, "seeds": seeds, "chance": chance,
+    (out / "compare.json").write_text(json.dumps({"n_targets": n, "target_seed": target_seed, "seeds": seeds, "chance": chance,
                                                   "rows": rows}, indent=1))
     (out / "compare.md").write_text(markdown(rows, chance))
-    plot(rows, out / "compare.png")
+    plot(rows, out / "compare.png", chance)
     return rows

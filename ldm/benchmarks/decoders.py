@@ -113,23 +113,22 @@ DECODERS = {
     "hybrid": toy_preset("hybrid"),
 }
 # The variants measured to choose the presets (docs/fast-path.md, docs/trained-decoder.md);
-# `--decoders NAME ...` runs any of them.
+# `--decoders NAME ...` runs any of them. The fast path's front: the preset before this one, the
+# DDIM step, and the stride schedule at about 1/30, 1/10 and 1/4 of the paper path's FLOPs.
+FAST = dict(skip_guided_decode=True, gradient="z0")
 VARIANTS = {
-    "guided N 50, K 4,1": guided(timesteps=50, num_steps=(4, 1)),
-    "guided N 50, K 4,1, skip + tiny": guided(tiny_decoder=True, timesteps=50, num_steps=(4, 1),
-                                              skip_guided_decode=True),
-    "guided N 50, K 4,1, skip + tiny + z0": guided(tiny_decoder=True, timesteps=50, num_steps=(4, 1),
-                                                   skip_guided_decode=True, gradient="z0"),
-    "guided N 25, K 4,1, skip": guided(skip_guided_decode=True, timesteps=25, num_steps=(4, 1)),
-    "guided N 35, K 1, skip": guided(skip_guided_decode=True, timesteps=35, num_steps=(1,)),
-    "guided N 30, K 4,1, skip + z0": guided(skip_guided_decode=True, gradient="z0", timesteps=30,
-                                            num_steps=(4, 1)),
-    "guided N 30, K 4,1, skip + tiny": guided(tiny_decoder=True, skip_guided_decode=True, timesteps=30,
-                                              num_steps=(4, 1)),
-    "guided N 60, K 4,1, skip + tiny + z0": guided(tiny_decoder=True, skip_guided_decode=True, gradient="z0",
-                                                   timesteps=60, num_steps=(4, 1)),
-    "guided N 40, K 4,1, skip + tiny": guided(tiny_decoder=True, skip_guided_decode=True, timesteps=40,
-                                              num_steps=(4, 1)),
+    "fast preset before (N 25, K 4,1, skip)": guided(skip_guided_decode=True, timesteps=25, num_steps=(4, 1)),
+    "N 25, K 4,1, skip, DDIM": guided(skip_guided_decode=True, timesteps=25, num_steps=(4, 1), step="ddim"),
+    "N 50, K 4,1, stride 2, z0, skip": guided(**FAST, timesteps=50, num_steps=(4, 1), guidance_stride=2),
+    "N 40, K 4,1, stride 3 below 600, z0, skip": guided(**FAST, timesteps=40, num_steps=(4, 1), guidance_stride=3,
+                                                       stride_below=600),
+    "N 16, K 1, stride 2 below 500, z0, skip": guided(**FAST, timesteps=16, num_steps=(1,), guidance_stride=2,
+                                                      stride_below=500),
+    "N 20, K 1, stride 3 below 700, z0, skip": guided(**FAST, timesteps=20, num_steps=(1,), guidance_stride=3,
+                                                      stride_below=700),
+    "N 36, K 8,2, z0, skip": guided(**FAST, timesteps=36, num_steps=(8, 2)),
+    "N 96, K 4,1, stride 3 below 500, z0, skip": guided(**FAST, timesteps=96, num_steps=(4, 1), guidance_stride=3,
+                                                       stride_below=500),
     **{f"hybrid N {n}, K {','.join(map(str, k))}, s {s:g}" + (f", w {w:g}" if w != 1 else ""):
        hybrid(guidance_scale=s, timesteps=n, num_steps=k, forward_guidance_wt=w)
        for n, k, s, w in [(25, (2, 1), 5, 1), (25, (2, 1), 1, 1), (25, (2, 1), 5, 4), (50, (1,), 1, 1),

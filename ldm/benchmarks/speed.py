@@ -121,7 +121,8 @@ class Record:
     device_peak_tflops: float | None = None
     fraction_of_peak: float | None = None
     run_iterations: int | None = None              # a whole run of its path (paper or fast preset)
-    run_s: float | None = None                     # projected: run_iterations × s/iter
+    run_s: float | None = None                     # projected: run_iterations × s/iter (an upper bound
+                                                   # for the fast preset: its unguided steps are UNet forwards)
     run_per_target_s: float | None = None
     ideal_run_h100_s: float | None = None          # its FLOPs at the H100's bf16 peak (projection)
     speedup_vs_reference_waste: float | None = None
@@ -260,7 +261,7 @@ def guided_run(model, context, extractor, c: Config, iterations: int, device: to
         goal = extractor(torch.rand(1, 3, c.size, c.size, generator=gen, device=device) * 2 - 1)
     cond = None if context is None else torch.randn(1, 77, context, generator=gen, device=device)
     path = FAST_SETTINGS if c.fast else PAPER_SETTINGS
-    settings = replace(path, num_steps=(1,), early_emp_end=-1, timesteps=iterations,
+    settings = replace(path, num_steps=(1,), early_emp_end=-1, timesteps=iterations, guidance_stride=1,
                        save_intermediates=False)
     return sample_batch(make_decoding(DecoderOptions()), model, FeatureDistance(extractor, goal), shape,
                         range(c.batch), settings=settings, cond=cond, precision=c.precision,

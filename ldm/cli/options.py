@@ -34,11 +34,13 @@ PAPER = {"optim_forward_guidance": True, "optim_forward_guidance_wt": 4.0,
 # Where the fast preset looks for the public TAESD SD-v1 decoder (madebyollin/taesd,
 # taesd_decoder.safetensors); a script may name another (the toy's ships).
 TAESD_SD_DECODER = str(shipped("models/taesd/taesd_decoder.safetensors"))
-# The fast path (docs/fast-path.md): the paper's guidance on a respaced schedule, without the
-# second decode, the gradient through a tiny decoder. Chosen on the toy benchmark.
-FAST = {**PAPER, "optim_print": False, "optim_timesteps": 200, "optim_num_steps": [4, 1],
-        "optim_early_emp_end": 900, "skip_guided_decode": True, "guidance_gradient": "unet",
-        "gradient_decoder": TAESD_SD_DECODER}
+# The fast path (docs/fast-path.md), chosen on the toy benchmark's tuning targets: the paper's
+# guidance on 38 respaced timesteps, K = 4 at the noisiest (>= 900) and 1 after, below timestep
+# 500 every third timestep guided and the others one UNet step; the gradient with respect to
+# ẑ0, without the second decode, through a tiny decoder.
+FAST = {**PAPER, "optim_print": False, "optim_timesteps": 38, "optim_num_steps": [4, 1],
+        "optim_early_emp_end": 900, "guidance_stride": 3, "stride_below": 500,
+        "skip_guided_decode": True, "guidance_gradient": "z0", "gradient_decoder": TAESD_SD_DECODER}
 # The hybrid decoder (docs/trained-decoder.md): the paper's forward guidance on a short schedule,
 # the trained decoder as the denoiser. Chosen on the toy benchmark; `--decoder hybrid` applies it
 # when no --preset is given.
@@ -165,6 +167,17 @@ class RunOptions:
         "unet: the gradient with respect to the noisy latent, through the UNet (the reference); z0: "
         "with respect to the estimate of z0, mapped to the noise by the DDPM relation (no UNet "
         "backward pass)", "unet", choices=("unet", "z0"), group="fast path", setting="gradient")
+    sampler_step: str = option(
+        "the step from the guided estimate to the next timestep: ancestral (the reference's DDPM step) "
+        "or ddim (deterministic, η = 0)", "ancestral", choices=("ancestral", "ddim"), group="fast path",
+        setting="step")
+    guidance_stride: int = option(
+        "below --stride_below, guide every n-th visited timestep (counted from the last, which is "
+        "always guided); the others take one unguided step (a UNet forward pass only)", 1, type=int,
+        group="fast path", setting="guidance_stride")
+    stride_below: int | None = option(
+        "the timestep below which --guidance_stride applies", type=int, group="fast path",
+        shown="everywhere", setting="stride_below")
     gradient_decoder: str | None = option(
         "a tiny decoder (TAESD layout, .safetensors or .pth) that carries the guidance gradient instead "
         "of the full first-stage decoder; the full decoder still renders every image that is kept "

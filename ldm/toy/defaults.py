@@ -40,7 +40,6 @@ TOY_CKPT_HINT = ("toy latent diffusion weights not found at {path}: they ship wi
 # off-world images against these small CNNs), the fast path's tiny decoder is the toy's own, and
 # the schedules chosen on the toy benchmark (docs/fast-path.md, docs/trained-decoder.md).
 TOY_PRESETS = {
-    "fast": {"optim_forward_guidance_wt": 1.0, "optim_timesteps": 25, "optim_num_steps": [4, 1],
-             "gradient_decoder": None},
+    "fast": {"optim_forward_guidance_wt": 1.0, "gradient_decoder": None},
     "hybrid": {"optim_forward_guidance_wt": 1.0, "featinv_guidance": 3.0},
 }

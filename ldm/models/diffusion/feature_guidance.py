@@ -40,7 +40,7 @@ from ldm.models.diffusion import guidance as steps
 from ldm.models.diffusion.device_checks import DeviceChecks, NumericalFault  # noqa: F401 (API)
 from ldm.models.diffusion.mixed_precision import MixedPrecision, autocast_dtype
 from ldm.models.diffusion.sampler_state import BestImage, SamplerState
-from ldm.models.diffusion.schedule import (ancestral_step, recurrences, renoise, step_beta,
+from ldm.models.diffusion.schedule import (ancestral_step, ddim_step, recurrences, renoise, step_beta,
                                            visited_timesteps)
 from ldm.scorelog import Guarded, Improved, Record, Score
 
@@ -50,6 +50,7 @@ ImageFn = Callable[[int, str, int, int, torch.Tensor], None]   # (b, stage, i, j
 MAX_RECURRENCES = 1_000_000
 MAX_QUEUE = 1_000_000
 GRADIENTS = ("unet", "z0")
+STEPS = ("ancestral", "ddim")
 
 
 def _finite(name: str, value, low: float = -math.inf, strict_low: bool = False) -> float:
@@ -92,6 +93,9 @@ class GuidanceSettings:
     # The fast path (docs/fast-path.md); the defaults are the reference's.
     gradient: str = "unet"             # "unet": ∂s/∂z_i through the UNet; "z0": ∂s/∂ẑ0 (no UNet Jacobian)
     skip_guided_decode: bool = False   # score the estimate only; decode ẑ0' where an image is written
+    step: str = "ancestral"            # "ddim": the deterministic DDIM step (η = 0) from ẑ0'
+    guidance_stride: int = 1           # guide every n-th visited timestep below `stride_below`; the others: one UNet step
+    stride_below: int | None = None    # the timestep below which the stride applies (None: everywhere)
 
     def __post_init__(self):
         for name in ("forward_guidance_wt", "grad_clip_threshold", "avg_sim_to_start_backward"):
@@ -111,6 +115,11 @@ class GuidanceSettings:
             self.timesteps = _count("timesteps", self.timesteps, 1, 10 ** 9)
         if self.gradient not in GRADIENTS:
             raise SettingError("gradient", f"{self.gradient!r} is not one of {', '.join(GRADIENTS)}")
+        if self.step not in STEPS:
+            raise SettingError("step", f"{self.step!r} is not one of {', '.join(STEPS)}")
+        self.guidance_stride = _count("guidance_stride", self.guidance_stride, 1, 10 ** 9)
+        if self.stride_below is not None:
+            self.stride_below = _count("stride_below", self.stride_below, 0, 10 ** 9)
 
     def check_for(self, num_timesteps: int) -> None:
         """SettingError unless the schedule fits a model of `num_timesteps` timesteps."""
@@ -121,14 +130,27 @@ class GuidanceSettings:
             raise SettingError("early_emp_end", f"{self.early_emp_end} is past the model's last "
                                f"timestep index {num_timesteps - 1} (-1 means everywhere)")
 
-    def recurrences(self, i: int) -> int:
-        return recurrences(i, self.num_steps, self.early_emp_end)
+    def _strided_out(self, timesteps: list[int], k: int) -> bool:
+        """Whether the stride leaves the k-th visited timestep unguided: below `stride_below` it
+        keeps every `guidance_stride`-th, counted from the last (which is always kept)."""
+        below = self.stride_below is None or timesteps[k] < self.stride_below
+        return below and (len(timesteps) - 1 - k) % self.guidance_stride != 0
+
+    def guided_at(self, timesteps: list[int], k: int) -> bool:
+        return self.forward_guidance and not self._strided_out(timesteps, k)
+
+    def recurrences(self, timesteps: list[int], k: int) -> int:
+        """K at the k-th visited timestep; 1 where the stride leaves it unguided."""
+        if self._strided_out(timesteps, k):
+            return 1
+        return recurrences(timesteps[k], self.num_steps, self.early_emp_end)
 
     def schedule(self, num_timesteps: int) -> list[int]:
         return visited_timesteps(num_timesteps, self.timesteps)
 
     def total_iterations(self, num_timesteps: int) -> int:
-        return sum(self.recurrences(i) for i in self.schedule(num_timesteps))
+        timesteps = self.schedule(num_timesteps)
+        return sum(self.recurrences(timesteps, k) for k in range(len(timesteps)))
 
 
 @dataclass
@@ -231,10 +253,10 @@ def check_state(state: SamplerState, s: GuidanceSettings, timesteps: list[int], 
     if not 0 <= state.k < len(timesteps) or timesteps[state.k] != state.timestep:
         raise ValueError(f"resume state at schedule position {state.k} (timestep {state.timestep}) "
                          f"does not fit this schedule of {len(timesteps)} timesteps")
-    if not 0 <= state.j < s.recurrences(state.timestep):
+    if not 0 <= state.j < s.recurrences(timesteps, state.k):
         raise ValueError(f"resume state at self-recurrence {state.j} of timestep {state.timestep}, "
-                         f"which has only {s.recurrences(state.timestep)}")
-    done = sum(s.recurrences(i) for i in timesteps[:state.k]) + state.j
+                         f"which has only {s.recurrences(timesteps, state.k)}")
+    done = sum(s.recurrences(timesteps, k) for k in range(state.k)) + state.j
     if state.iterations != done:
         raise ValueError(f"resume state says {state.iterations} iterations are done, but its "
                          f"position (timestep {state.timestep}, self-recurrence {state.j}) means {done}")
@@ -318,7 +340,7 @@ def _loop(run: _Run, st: SamplerState, timesteps, progress, on_checkpoint, check
                 # The backward-guidance gate is evaluated once per timestep, as in the reference.
                 st.do_backward = s.backward_guidance & (-st.history.mean(dim=1) < s.avg_sim_to_start_backward)
             backward_now = s.backward_guidance and bool(st.do_backward.any())
-            for j in range(first, s.recurrences(i)):
+            for j in range(first, s.recurrences(timesteps, k)):
                 st.k, st.j, st.timestep = k, j, i
                 here = st.snapshot(run.generators)
                 if (on_checkpoint is not None and checkpoint_every > 0 and st.iterations > 0
@@ -330,7 +352,7 @@ def _loop(run: _Run, st: SamplerState, timesteps, progress, on_checkpoint, check
                     raise SamplingStopped(here)
                 run.checks.where, run.score.where = (i, j, here), (i, j)
                 st.iterations += 1
-                _iteration(run, st, k, len(timesteps), t, i, i_prev, j, beta, backward_now)
+                _iteration(run, st, timesteps, k, t, i_prev, j, beta, backward_now)
                 bar.update(1)
             if progress:
                 dists = run.score.last_host[0]
@@ -341,14 +363,15 @@ def _loop(run: _Run, st: SamplerState, timesteps, progress, on_checkpoint, check
         bar.close()
 
 
-def _iteration(run: _Run, st: SamplerState, k, n, t, i, i_prev, j, beta, backward_now) -> None:
-    """One self-recurrence j at timestep i: estimate (guided or not), backward guidance, the
-    ancestral step, z_prev selection and re-noising; advances `st`."""
-    s, model = run.settings, run.model
+def _iteration(run: _Run, st: SamplerState, timesteps, k, t, i_prev, j, beta, backward_now) -> None:
+    """One self-recurrence j at the k-th visited timestep i: estimate (guided or not), backward
+    guidance, the step to i_prev, z_prev selection and re-noising; advances `st`."""
+    s, model, i, n = run.settings, run.model, timesteps[k], len(timesteps)
     # Intermediate images every `print_every` visited timesteps (every 10th timestep and the
     # first one, as in the reference, for the full schedule).
     print_now = s.save_intermediates and (n - 1 - k) % s.print_every == 0
-    if s.forward_guidance:
+    last = i_prev < 0 and j == s.recurrences(timesteps, k) - 1
+    if s.guided_at(timesteps, k):
         eps, z0, x, dist, grad = steps.estimate_with_gradient(
             model, st.z, t, run.cond, run.score, run.precision, run.checks, decode=run.gradient_decoder,
             through_unet=s.gradient == "unet", keep_latents=run.gradient_decoder is not None)
@@ -359,12 +382,13 @@ def _iteration(run: _Run, st: SamplerState, k, n, t, i, i_prev, j, beta, backwar
         z0 = steps.guided_estimate(model, st.z, t, eps, grad, s.forward_guidance_wt,
                                    s.grad_clip_threshold, run.checks,
                                    lambda mask: _guarded(run, st, i, j, mask))
-        last = i_prev < 0 and j == s.recurrences(i) - 1
         if not s.skip_guided_decode or last or (print_now and j == 0):
             x = _decode(model, z0)
             if print_now and j == 0:
                 run.save_all("guided", i, j, x)
             run.score(x, "guided")
+    elif s.forward_guidance and s.skip_guided_decode and not (last or print_now):
+        z0 = steps.plain_estimate(model, st.z, t, run.cond, run.checks, decode=False)
     else:
         z0, x = steps.plain_estimate(model, st.z, t, run.cond, run.checks)
         if print_now:
@@ -375,11 +399,12 @@ def _iteration(run: _Run, st: SamplerState, k, n, t, i, i_prev, j, beta, backwar
         if print_now and j == 0:
             run.save_all("backward", i, j, x)
     with torch.no_grad():
-        z_prev = ancestral_step(model, st.z, t, z0, beta, i, run.randn(st.z)) if i_prev >= 0 else z0
+        z_prev = z0 if i_prev < 0 else (ddim_step(model, st.z, t, z0, i_prev) if s.step == "ddim"
+                                        else ancestral_step(model, st.z, t, z0, beta, i, run.randn(st.z)))
         run.checks.check(z_prev, "latent")
         if s.select_prev and i_prev >= 0:
             _select_prev(run, st, z_prev, t, i, i_prev, j)
-        if j != s.recurrences(i) - 1:
+        if j != s.recurrences(timesteps, k) - 1:
             st.z = renoise(z_prev, beta, run.randn(st.z))
             run.checks.check(st.z, "latent")
         else:

@@ -95,13 +95,13 @@ def guided_estimate(model, z, t, eps, grad, weight: float, threshold: float, che
         return z0
 
 
-def plain_estimate(model, z, t, cond, checks):
-    """ẑ0 and D(ẑ0) without guidance."""
+def plain_estimate(model, z, t, cond, checks, decode: bool = True):
+    """ẑ0 and D(ẑ0) without guidance (ẑ0 alone if not `decode`)."""
     with torch.no_grad():
         eps = model.apply_model(z, t, cond)
         checks.check(eps, "noise prediction (UNet output)")
         z0 = model.predict_start_from_noise(z, t, eps)
-        return z0, model.decode_first_stage(z0)
+        return (z0, model.decode_first_stage(z0)) if decode else z0
 
 
 def backward_guidance(model, score, z0, active, settings):

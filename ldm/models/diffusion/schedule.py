@@ -12,6 +12,8 @@ after the last one.
   jump, β' = 1 − ᾱ_i / ᾱ_{i_prev} (Nichol & Dhariwal, "Improved DDPM", 2021, eq. 19).
 - Ancestral step (Ho et al., "DDPM", 2020, eq. 11, with variance β):
   z_{i_prev} = (z_i − β / √(1 − ᾱ_i) · ε(z_i, ẑ0)) / √(1 − β) + √β · n.
+- DDIM step (Song et al., "DDIM", 2021, η = 0), an option of the fast path:
+  z_{i_prev} = √ᾱ_{i_prev} ẑ0 + √(1 − ᾱ_{i_prev}) ε(z_i, ẑ0).
 - Re-noising between self-recurrences (Bansal et al., "Universal Guidance", 2023):
   z_i ← √(1 − β) · z_{i_prev} + √β · n.
 """
@@ -51,6 +53,14 @@ def ancestral_step(model, z: torch.Tensor, t: torch.Tensor, z0: torch.Tensor, be
     """z_{i_prev} from z_i and the estimate ẑ0 (its noise ε recovered by the DDPM relation)."""
     eps = model.predict_noise_from_start(z, t, z0)
     return (z - beta / (1 - model.alphas_cumprod[i]).sqrt() * eps) / (1 - beta).sqrt() + beta.sqrt() * noise
+
+
+def ddim_step(model, z: torch.Tensor, t: torch.Tensor, z0: torch.Tensor, i_prev: int) -> torch.Tensor:
+    """The deterministic DDIM step (Song et al., 2021, η = 0): z_{i_prev} = √ᾱ_{i_prev} ẑ0 +
+    √(1 − ᾱ_{i_prev}) ε(z_i, ẑ0)."""
+    eps = model.predict_noise_from_start(z, t, z0)
+    abar_prev = model.alphas_cumprod[i_prev]
+    return abar_prev.sqrt() * z0 + (1 - abar_prev).sqrt() * eps
 
 
 def renoise(z_prev: torch.Tensor, beta: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
