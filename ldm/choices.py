@@ -3,6 +3,9 @@
 
 LOSSES = ("squared", "cosine")
 PRECISION_NAMES = ("fp32", "bf16", "fp16")   # ldm/models/diffusion/mixed_precision.py's dtypes
+# The fast path's guidance gradient and step (ldm/models/diffusion/feature_guidance.py); the first is the reference's.
+GRADIENTS = ("unet", "z0")
+SAMPLER_STEPS = ("ancestral", "ddim")
 
 # The paper models' short names from before the registry (ldm/extractors/registry.py) and the
 # specs they stand for; the toy's are registered by the toy layer (ldm/toy/extractors.py).

@@ -28,3 +28,15 @@ def counted_flops(fn: Callable[[], object]) -> float:
     with torch.compiler.set_stance("force_eager"), counter:
         fn()
     return float(counter.get_total_flops())
+
+
+def forward_flops(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> float:
+    """FLOPs of `fn(x, *args)` without autograd."""
+    with torch.no_grad():
+        return counted_flops(lambda: fn(x, *args))
+
+
+def input_gradient_flops(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> float:
+    """FLOPs of `fn(x, *args)` and the backward pass to `x` (frozen weights: no weight gradients)."""
+    x = x.detach().requires_grad_(True)
+    return counted_flops(lambda: torch.autograd.grad(fn(x, *args).float().sum(), x))

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
-from ldm.benchmarks.flops import counted_flops
+from ldm.benchmarks.flops import forward_flops, input_gradient_flops
 from ldm.cli.options import preset_options
 from ldm.extractors import build_extractor
 from ldm.extractors.weights import RANDOM
@@ -55,16 +54,6 @@ class Parts:
     extractor_backward: float
 
 
-def _with_backward(module: nn.Module, x: torch.Tensor, *args) -> float:
-    x = x.detach().requires_grad_(True)
-    return counted_flops(lambda: torch.autograd.grad(module(x, *args).float().sum(), x))
-
-
-def _forward(module: nn.Module, x: torch.Tensor, *args) -> float:
-    with torch.no_grad():
-        return counted_flops(lambda: module(x, *args))
-
-
 def count_parts(extractor: str) -> Parts:
     """The parts for SD v1 at 512x512 with `extractor` (random weights on the meta device)."""
     with torch.device("meta"):
@@ -76,11 +65,11 @@ def count_parts(extractor: str) -> Parts:
         side = net.preprocessing.input_size   # the 512x512 image is resized to it (no FLOPs counted)
         image = torch.empty(1, 3, side, side)
     unet = lambda z_, t_, c_: model.apply_model(z_, t_, c_)  # noqa: E731
-    return Parts(unet=_forward(unet, z, t, cond), unet_backward=_with_backward(unet, z, t, cond),
-                 decoder=_forward(model.decode_first_stage, z),
-                 decoder_backward=_with_backward(model.decode_first_stage, z),
-                 tiny_backward=_with_backward(tiny, z),
-                 extractor=_forward(net.encode, image), extractor_backward=_with_backward(net.encode, image))
+    return Parts(unet=forward_flops(unet, z, t, cond), unet_backward=input_gradient_flops(unet, z, t, cond),
+                 decoder=forward_flops(model.decode_first_stage, z),
+                 decoder_backward=input_gradient_flops(model.decode_first_stage, z),
+                 tiny_backward=input_gradient_flops(tiny, z),
+                 extractor=forward_flops(net.encode, image), extractor_backward=input_gradient_flops(net.encode, image))
 
 
 def guided_iteration(p: Parts, s: GuidanceSettings, tiny: bool) -> float:

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from ldm.benchmarks.flops import forward_flops, input_gradient_flops
 from ldm.models.taesd import SD_V1, TinyDecoder, TinyDecoderConfig, TinyFirstStage
 from ldm.util import count_params, instantiate_from_config
 
@@ -50,14 +50,7 @@ def _forward_backward(decode: nn.Module, latents: torch.Tensor) -> None:
 def count_flops(decode: nn.Module, latents: torch.Tensor) -> dict[str, float]:
     """FLOPs of decode(latents) and of it plus the backward pass to the latents."""
     decode.requires_grad_(False)
-    counts = {}
-    for name, run in (("forward", lambda: decode(latents)),
-                      ("forward_backward", lambda: _forward_backward(decode, latents))):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            run()
-        counts[name] = float(counter.get_total_flops())
-    return counts
+    return {"forward": forward_flops(decode, latents), "forward_backward": input_gradient_flops(decode, latents)}
 
 
 def cpu_seconds(decode: nn.Module, latents: torch.Tensor, repeats: int = 3) -> float:

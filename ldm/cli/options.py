@@ -15,7 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from typing import TYPE_CHECKING
 
-from ldm.choices import LOSSES, PRECISION_NAMES
+from ldm.choices import GRADIENTS, LOSSES, PRECISION_NAMES, SAMPLER_STEPS
 from ldm.decoders import DECODER_KINDS, DecoderOptions, decoder_kind
 from ldm.errors import SettingError
 from ldm.paths import DEFAULT_CKPT, DEFAULT_CONFIG, ROOT, shipped
@@ -166,10 +166,10 @@ class RunOptions:
     guidance_gradient: str = option(
         "unet: the gradient with respect to the noisy latent, through the UNet (the reference); z0: "
         "with respect to the estimate of z0, mapped to the noise by the DDPM relation (no UNet "
-        "backward pass)", "unet", choices=("unet", "z0"), group="fast path", setting="gradient")
+        "backward pass)", "unet", choices=GRADIENTS, group="fast path", setting="gradient")
     sampler_step: str = option(
         "the step from the guided estimate to the next timestep: ancestral (the reference's DDPM step) "
-        "or ddim (deterministic, η = 0)", "ancestral", choices=("ancestral", "ddim"), group="fast path",
+        "or ddim (deterministic, η = 0)", "ancestral", choices=SAMPLER_STEPS, group="fast path",
         setting="step")
     guidance_stride: int = option(
         "below --stride_below, guide every n-th visited timestep (counted from the last, which is "

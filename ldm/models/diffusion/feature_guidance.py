@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from ldm.choices import GRADIENTS, SAMPLER_STEPS
 from ldm.errors import SettingError
 from ldm.models.diffusion import guidance as steps
 from ldm.models.diffusion.device_checks import DeviceChecks, NumericalFault  # noqa: F401 (API)
@@ -49,8 +50,6 @@ RecordFn = Callable[[Record], None]
 ImageFn = Callable[[int, str, int, int, torch.Tensor], None]   # (b, stage, i, j, image)
 MAX_RECURRENCES = 1_000_000
 MAX_QUEUE = 1_000_000
-GRADIENTS = ("unet", "z0")
-STEPS = ("ancestral", "ddim")
 
 
 def _finite(name: str, value, low: float = -math.inf, strict_low: bool = False) -> float:
@@ -115,8 +114,8 @@ class GuidanceSettings:
             self.timesteps = _count("timesteps", self.timesteps, 1, 10 ** 9)
         if self.gradient not in GRADIENTS:
             raise SettingError("gradient", f"{self.gradient!r} is not one of {', '.join(GRADIENTS)}")
-        if self.step not in STEPS:
-            raise SettingError("step", f"{self.step!r} is not one of {', '.join(STEPS)}")
+        if self.step not in SAMPLER_STEPS:
+            raise SettingError("step", f"{self.step!r} is not one of {', '.join(SAMPLER_STEPS)}")
         self.guidance_stride = _count("guidance_stride", self.guidance_stride, 1, 10 ** 9)
         if self.stride_below is not None:
             self.stride_below = _count("stride_below", self.stride_below, 0, 10 ** 9)
