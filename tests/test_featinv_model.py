@@ -246,9 +246,8 @@ def test_decoder_file_round_trip(tmp_path, tiny_sd, dtype, sd_locked):
     loaded, loaded_record = load_decoder(tmp_path / "decoder.safetensors", tiny_sd / "tiny.ckpt",
                                          tiny_sd / "tiny.yaml")
     assert loaded_record == record
-    trained = {k for k in model.state_dict() if k.startswith(
-        ("control_model.",) if sd_locked else ("control_model.", "model.diffusion_model.output_blocks.",
-                                               "model.diffusion_model.out."))}
+    unet_half = () if sd_locked else ("model.diffusion_model.output_blocks.", "model.diffusion_model.out.")
+    trained = {k for k in model.state_dict() if k.startswith(("control_model.", *unet_half))}
     assert load_state_dict(tmp_path / "decoder.safetensors").keys() == trained
     for k in trained:
         assert torch.equal(loaded.state_dict()[k], model.state_dict()[k].to(dtype).float())

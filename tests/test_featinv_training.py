@@ -200,7 +200,8 @@ def test_unlocked_the_unets_decoder_half_trains_too(unlocked):
 def test_unlocked_decoder_file_holds_the_trained_unet_half(unlocked, root):
     out, _ = unlocked
     checkpoint = torch.load(out / "last.ckpt", weights_only=True)["state_dict"]
-    assert {k.split(".")[3] for k in checkpoint if k.startswith("model.model.")} == {"output_blocks", "out"}
+    unet_keys = {k.split(".")[3] for k in checkpoint if k.startswith("model.model.")}
+    assert unet_keys == {"output_blocks", "out"}   # besides the ControlNet's and the EMA's
     model, record = load_decoder(out / "decoder.safetensors", root / "tiny.ckpt", root / "tiny.yaml")
     assert record.sd_locked is False
     unet = model.model.diffusion_model
@@ -217,7 +218,8 @@ def test_unlocked_decoder_file_holds_the_trained_unet_half(unlocked, root):
 @pytest.mark.slow
 def test_unlocked_resume_needs_the_same_sd_locked(unlocked, root):
     out, _ = unlocked
-    done = run_script(flags(root, out, "--max_steps", "3", "--resume", *changed(UNLOCKED, {"--sd_locked": "true"})))
+    locked = changed(UNLOCKED, {"--sd_locked": "true"})
+    done = run_script(flags(root, out, "--max_steps", "3", "--resume", *locked))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "trained with --sd_locked false: resume with the same --sd_locked" in done.stderr
     done = run_script(flags(root, out, "--max_steps", "3", "--resume", *UNLOCKED))

@@ -115,8 +115,8 @@ class FeatInvTraining(pl.LightningModule):
 
     def decoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights to export, under their ControlLDM keys: the EMA's, if kept."""
-        _, prefix = trained_part(self.model, self.record.sd_locked)
-        weights = (self._trained() if self.ema is None else self.ema.module).state_dict()
+        part, prefix = trained_part(self.model, self.record.sd_locked)
+        weights = (part if self.ema is None else self.ema.module).state_dict()
         return {prefix + k: v for k, v in weights.items()}
 
     def optimizer_step(self, *args, **kwargs) -> None:

@@ -11,8 +11,9 @@ the optimizer only), its CSV logs `log/version_N/metrics.csv` (train/loss, val/c
 version per start, as Lightning does), validation images `val/step_N.png`, the file list
 `files.txt` (rank 0 walks --data once), and, every --export_every steps and at the end,
 `decoder.safetensors` (the exported trained weights, `control_model.*` and unlocked the UNet's
-`model.diffusion_model.output_blocks.*` and `.out.*`, with the decoder's record in the metadata), then `decoder.json` (the record, the options and a summary). Flags are
-checked before any model loads.
+`model.diffusion_model.output_blocks.*` and `.out.*`, with the decoder's record in the
+metadata), then `decoder.json` (the record, the options and a summary). Flags are checked
+before any model loads.
 """
 from __future__ import annotations
 
