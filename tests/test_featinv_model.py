@@ -1,10 +1,12 @@
 """FeatInv's model half: the ControlNet with the feature hint block, ControlLDM, the hint
 adapters, feature → hint, strict loading of a FeatInv-layout checkpoint, and decoder files."""
+import dataclasses
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import SD_V1_IGNORABLE_KEYS, CheckpointMismatchError
+from ldm.checkpoint import SD_V1_IGNORABLE_KEYS, CheckpointMismatchError, load_state_dict
 from ldm.featinv import (DecoderRecord, feature_to_hint, load_decoder, load_featinv_checkpoint,
                          read_record, save_decoder)
 from ldm.featinv.decoder import build_decoder_model
@@ -232,19 +234,25 @@ def test_hint_conditioned_takes_the_hint_as_condition(featinv_model):
 
 # --- decoder files -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decoder_file_round_trip(tmp_path, tiny_sd, dtype):
-    record = tiny_record(tiny_sd)
+@pytest.mark.parametrize("dtype, sd_locked", [(torch.float32, True), (torch.float16, True),
+                                               (torch.float32, False)])
+def test_decoder_file_round_trip(tmp_path, tiny_sd, dtype, sd_locked):
+    """The trained tensors come from the file (unlocked: the UNet's decoder half too), every
+    other one from the base model."""
+    record = dataclasses.replace(tiny_record(tiny_sd), sd_locked=sd_locked)
     model = randomise(build_decoder_model(record, tiny_sd / "tiny.yaml"))
     save_decoder(model, record, tmp_path / "decoder.safetensors", dtype=dtype)
     assert read_record(tmp_path / "decoder.safetensors") == record
     loaded, loaded_record = load_decoder(tmp_path / "decoder.safetensors", tiny_sd / "tiny.ckpt",
                                          tiny_sd / "tiny.yaml")
     assert loaded_record == record
-    for k, v in model.control_model.state_dict().items():
-        assert torch.equal(loaded.control_model.state_dict()[k], v.to(dtype).float())
+    unet_half = () if sd_locked else ("model.diffusion_model.output_blocks.", "model.diffusion_model.out.")
+    trained = {k for k in model.state_dict() if k.startswith(("control_model.", *unet_half))}
+    assert load_state_dict(tmp_path / "decoder.safetensors").keys() == trained
+    for k in trained:
+        assert torch.equal(loaded.state_dict()[k], model.state_dict()[k].to(dtype).float())
     base = torch.load(tiny_sd / "tiny.ckpt", weights_only=True)["state_dict"]
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in base.items())
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in base.items() if k not in trained)
 
 
 def test_decoder_of_another_hint_width_is_refused(tmp_path, tiny_sd):

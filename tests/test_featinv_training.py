@@ -1,5 +1,6 @@
 """FeatInv training through PyTorch Lightning on the tiny SD-layout model and a few images: a run
-with loader workers, an EMA, gradient accumulation and validation images, its resume, DDP.
+with loader workers, an EMA, gradient accumulation and validation images, its resume, DDP; a run
+with the UNet's decoder half unlocked (--sd_locked false).
 
 Training runs in subprocesses, as from the command line (DDP launches its own processes)."""
 import csv
@@ -30,15 +31,25 @@ from ldm.checkpoint import load_state_dict
 from ldm.featinv.train_command import parse_args, run
 module, summary = run(parse_args(sys.argv[2:]))
 base = load_state_dict(sys.argv[1])
-state = module.model.state_dict()
+state = {k: v.clone() for k, v in module.model.state_dict().items()}
 control = module.model.control_model.state_dict()
 unet = module.model.model.diffusion_model.state_dict()
+exported = module.decoder_state_dict()
+with module.exported_weights():   # what validation samples with
+    swapped = all(torch.equal(module.model.state_dict()[k], v) for k, v in exported.items())
 print(json.dumps({
-    "trainable": sorted({n.split(".")[1] for n, p in module.named_parameters() if p.requires_grad}),
+    "trainable": sorted({n.removeprefix("model.").removeprefix("model.diffusion_model.").split(".")[0]
+                         for n, p in module.named_parameters() if p.requires_grad}),
     "base_keys_unchanged": all(torch.equal(state[k], v) for k, v in base.items() if k in state),
     "base_keys_compared": sum(k in state for k in base),
+    "unet_changed": sorted({k.split(".")[2] for k, v in base.items()
+                            if k.startswith("model.diffusion_model.") and not torch.equal(state[k], v)}),
     "copied_blocks_changed": sum(not torch.equal(v, unet[k]) for k, v in control.items() if k in unet),
     "zero_convs_nonzero": sum(bool(v.any()) for k, v in control.items() if "zero_convs" in k),
+    "exported_keys": sorted({k.split(".")[0] if k.startswith("control_model.") else k.split(".")[2]
+                             for k in exported}),
+    "exported_swapped_in": swapped,
+    "restored": all(torch.equal(module.model.state_dict()[k], v) for k, v in state.items()),
 }))
 """
 
@@ -97,9 +108,11 @@ def trained(root):
 
 def test_only_the_controlnet_trains(trained):
     _, inspected = trained
-    assert inspected["trainable"] == ["control_model"]
+    assert inspected["trainable"] == ["control_model"] and inspected["unet_changed"] == []
     assert inspected["base_keys_unchanged"] and inspected["base_keys_compared"] > 200
     assert inspected["copied_blocks_changed"] > 0 and inspected["zero_convs_nonzero"] > 0
+    assert inspected["exported_keys"] == ["control_model"]
+    assert inspected["exported_swapped_in"] and inspected["restored"]
 
 
 def test_outputs_of_a_run(trained, root):
@@ -158,6 +171,74 @@ def test_resume_of_another_decoder_is_refused(trained, root):
                               {"--hint_hidden_channels": "16"}))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "trained for another decoder" in done.stderr
+
+
+UNLOCKED = ("--sd_locked", "false", "--grad_checkpoint", "--ema_decay", "0.5", "--export_every", "2",
+            "--workers", "0")
+
+
+@pytest.fixture(scope="module")
+def unlocked(root):
+    """Two steps with the UNet's decoder half trained too (and gradient checkpointing, an EMA);
+    → (run folder, what the trained module showed)."""
+    out = root / "unlocked"
+    done = subprocess.run([sys.executable, "-c", TRAIN_AND_INSPECT, str(root / "tiny.ckpt"),
+                           *flags(root, out, "--max_steps", "2", *UNLOCKED)],
+                          cwd=REPO, env=ENV, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_unlocked_the_unets_decoder_half_trains_too(unlocked):
+    _, inspected = unlocked
+    assert inspected["trainable"] == ["control_model", "out", "output_blocks"]
+    assert inspected["unet_changed"] == ["out", "output_blocks"]   # not input_blocks, middle_block
+    assert inspected["exported_keys"] == ["control_model", "out", "output_blocks"]
+    assert inspected["exported_swapped_in"] and inspected["restored"]
+
+
+def test_unlocked_decoder_file_holds_the_trained_unet_half(unlocked, root):
+    out, _ = unlocked
+    checkpoint = torch.load(out / "last.ckpt", weights_only=True)["state_dict"]
+    unet_keys = {k.split(".")[3] for k in checkpoint if k.startswith("model.model.")}
+    assert unet_keys == {"output_blocks", "out"}   # besides the ControlNet's and the EMA's
+    model, record = load_decoder(out / "decoder.safetensors", root / "tiny.ckpt", root / "tiny.yaml")
+    assert record.sd_locked is False
+    unet = model.model.diffusion_model
+    for name in ("output_blocks", "out"):   # the EMA's, which differ from the base's
+        for key, value in getattr(unet, name).state_dict().items():
+            assert torch.equal(value, checkpoint[f"ema.module.model.diffusion_model.{name}.{key}"])
+    base = load_state_dict(root / "tiny.ckpt")
+    loaded = model.state_dict()
+    changed = {k.split(".")[2] for k, v in base.items()
+               if k.startswith("model.diffusion_model.") and not torch.equal(loaded[k], v)}
+    assert changed == {"output_blocks", "out"}
+
+
+@pytest.mark.slow
+def test_unlocked_resume_needs_the_same_sd_locked(unlocked, root):
+    out, _ = unlocked
+    locked = changed(UNLOCKED, {"--sd_locked": "true"})
+    done = run_script(flags(root, out, "--max_steps", "3", "--resume", *locked))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "trained with --sd_locked false: resume with the same --sd_locked" in done.stderr
+    done = run_script(flags(root, out, "--max_steps", "3", "--resume", *UNLOCKED))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(out / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_locked_run_refuses_to_resume_unlocked(trained, root):
+    out, _ = trained
+    done = run_script(flags(root, out, "--max_steps", "9", "--resume", *RECIPE, "--sd_locked", "false"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "trained with --sd_locked true: resume with the same --sd_locked" in done.stderr
+
+
+def test_sd_locked_is_true_or_false(root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(flags(root, tmp_path / "out", "--sd_locked", "maybe"))
+    assert stopped.value.code == 2
+    assert "argument --sd_locked: true or false, not 'maybe'" in capsys.readouterr().err
 
 
 RECORD_DRAWS = """

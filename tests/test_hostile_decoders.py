@@ -59,6 +59,7 @@ RECORDS = [   # (change of the record, words of the error)
     (lambda r: r.update(hint_hidden_channels=-16), "hint_hidden_channels -16"),
     (lambda r: r.update(hint_hidden_channels=10 ** 6), "hint_hidden_channels 1000000"),
     (lambda r: r.update(spatial="yes"), "spatial 'yes', of the wrong type"),
+    (lambda r: r.update(sd_locked="no"), "sd_locked 'no', of the wrong type"),
     (lambda r: r.update(base_config="/etc/passwd"), "not one of this project's configs"),
     (lambda r: r.update(base_config="configs/../../../etc/passwd"), "not one of this project's configs"),
 ]
@@ -74,6 +75,39 @@ def test_decoder_files_change_nothing_but_the_controlnet(tiny_decoder, tmp_path,
         path, config = rewritten(tiny_decoder, tmp_path, change_record=change), None
     with pytest.raises(CheckpointError) as raised:
         load_decoder(path, tiny_decoder / "tiny.ckpt", base_config=config)
+    assert message in str(raised.value)
+
+
+def with_unet_weights(tensors):
+    tensors["model.diffusion_model.out.2.bias"] = torch.zeros(4)
+
+
+def unlocked(record):
+    record["sd_locked"] = False
+
+
+def written_before_sd_locked(record):
+    del record["sd_locked"]
+
+
+@pytest.mark.parametrize("change_tensors, change_record, message", [
+    (with_unet_weights, None, "holds the ControlNet's tensors (control_model.*) only"),
+    (None, unlocked, "its record says it holds the ControlNet's and the UNet decoder half's tensors"),
+    (with_unet_weights, unlocked, "model.diffusion_model.output_blocks.*"),
+    (None, written_before_sd_locked, None)], ids=["UNet tensors in a locked file",
+                                                  "unlocked record, no UNet tensors",
+                                                  "unlocked record, a UNet tensor", "an older file"])
+def test_a_decoder_file_holds_what_its_record_says(tiny_decoder, tmp_path, change_tensors,
+                                                    change_record, message):
+    """A locked decoder changes the ControlNet only, an unlocked one the UNet's whole decoder half
+    too; a file from before `sd_locked` is a locked one."""
+    path = rewritten(tiny_decoder, tmp_path, change_tensors, change_record)
+    load = lambda: load_decoder(path, tiny_decoder / "tiny.ckpt", base_config=tiny_decoder / "tiny.yaml")  # noqa: E731
+    if message is None:
+        assert load()[1].sd_locked is True
+        return
+    with pytest.raises(CheckpointError) as raised:
+        load()
     assert message in str(raised.value)
 
 

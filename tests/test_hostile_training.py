@@ -85,6 +85,9 @@ LAST_CKPTS = [   # (how last.ckpt is made from a real one, words of the error)
     (lambda p, c: torch.save([1, 2], p), "not a FeatInv training checkpoint (it holds a list)"),
     (lambda p, c: torch.save({**c, "state_dict": {"model.first_stage_model.w": torch.ones(1)}}, p),
      "not a ControlNet tensor"),
+    (lambda p, c: torch.save({**c, "state_dict": {**c["state_dict"],   # a locked training's
+                                                  "model.model.diffusion_model.out.2.bias": torch.ones(4)}}, p),
+     "not a ControlNet tensor"),
     (lambda p, c: p.mkdir(), "last.ckpt is not a file"),
 ]
 

@@ -14,18 +14,26 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.checkpoint import CheckpointError, load_pickled
+from ldm.featinv.decoder import DecoderRecord
 from ldm.files import DISK_FULL, atomic_write
+from ldm.models.diffusion.controlled_ddpm import trained_prefixes
 
-TRAINED = "model.control_model."   # the trained parameters' keys in the module's state_dict
-EMA = "ema."                        # their exponential moving average's keys
+EMA = "ema."   # the trained tensors' exponential moving average's keys
 # What Lightning reads back from a checkpoint, and their types.
 LAYOUT = {"state_dict": dict, "optimizer_states": list, "loops": dict, "epoch": int,
           "global_step": int, "featinv_record": str}
 
 
+def saved_prefixes(sd_locked: bool) -> tuple[str, ...]:
+    """The keys of what last.ckpt keeps, in the training module's state_dict (the ControlLDM is
+    its `model`): the trained tensors and their EMA."""
+    return (*(f"model.{prefix}" for prefix in trained_prefixes(sd_locked)), EMA)
+
+
 def check_training_checkpoint(path, checkpoint) -> None:
     """CheckpointError unless `checkpoint` looks like a FeatInv training's last.ckpt: Lightning's
-    entries of the right types, the ControlNet's tensors only (floating point)."""
+    entries of the right types, a valid record, the tensors of what its training trained only
+    (the ControlNet; unlocked, the UNet's decoder half too) and their EMA."""
     def damaged(problem: str):
         return CheckpointError(f"{path} is not a FeatInv training checkpoint ({problem}): train "
                                "into another --out, or remove the file to start again")
@@ -34,9 +42,12 @@ def check_training_checkpoint(path, checkpoint) -> None:
     for key, kind in LAYOUT.items():
         if type(checkpoint.get(key)) is not kind:
             raise damaged(f"no {kind.__name__} {key!r}")
+    sd_locked = DecoderRecord.from_json(checkpoint["featinv_record"]).sd_locked
+    trained = "a ControlNet tensor" + ("" if sd_locked else " or one of the UNet's decoder half")
     for key, value in checkpoint["state_dict"].items():
-        if not (isinstance(key, str) and key.startswith((TRAINED, EMA)) and isinstance(value, torch.Tensor)):
-            raise damaged(f"its state_dict holds {str(key)[:100]!r}, not a ControlNet tensor")
+        if not (isinstance(key, str) and key.startswith(saved_prefixes(sd_locked))
+                and isinstance(value, torch.Tensor)):
+            raise damaged(f"its state_dict holds {str(key)[:100]!r}, not {trained}")
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

@@ -1,6 +1,8 @@
 """A FeatInv decoder on disk: the ControlNet's weights (`control_model.*`, safetensors) and a
 record of what it decodes (extractor, layer, spatial or pooled, hint shape) and of the frozen
-base model it steers. The base model's weights stay in their own file."""
+base model it steers. The base model's weights stay in their own file, except the UNet's decoder
+half when the training tuned it too (`sd_locked` False): the file holds it then, and it
+replaces the base model's."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,9 +18,9 @@ from ldm.checkpoint import (SD_V1_IGNORABLE_KEYS, CheckpointError, load_into,
 from ldm.extractors import build_extractor
 from ldm.extractors.base import FeatureExtractor
 from ldm.files import atomic_write, write_safetensors
-from ldm.models.diffusion.controlled_ddpm import (CONTROL_PREFIX, FEATINV_IGNORABLE_KEYS,
-                                                  ControlLDM, control_ldm_config,
-                                                  control_state_dict)
+from ldm.models.diffusion.controlled_ddpm import (FEATINV_IGNORABLE_KEYS, ControlLDM,
+                                                  control_ldm_config, control_state_dict,
+                                                  trained_prefixes, trained_state_dict)
 from ldm.models.loading import config_source, load_config, read_weights, with_schedule
 from ldm.paths import shipped
 from ldm.util import instantiate_from_config
@@ -41,7 +43,9 @@ class DecoderRecord:
     `layer`: the layer read (None: the default feature); `spatial`: the layer's map, else the
     pooled vector broadcast to every position; `hint_shape`: (C, h, w) of one hint;
     `base_config`: the frozen base model's config; `prompt`: the training prompt (None for an
-    unconditional base); `extractor_weights`: `build_extractor`'s `weights` (None: default).
+    unconditional base); `extractor_weights`: `build_extractor`'s `weights` (None: default);
+    `sd_locked`: the base UNet stayed frozen (False: its decoder half was tuned too, and the
+    file holds it).
     """
 
     extractor: str
@@ -52,6 +56,7 @@ class DecoderRecord:
     hint_hidden_channels: int = 512
     prompt: str | None = None
     extractor_weights: str | None = None
+    sd_locked: bool = True
 
     @property
     def extractor_spec(self) -> str:
@@ -82,7 +87,7 @@ class DecoderRecord:
 RECORD_FIELDS = {"extractor": (str, True), "layer": ((str, type(None)), True),
                  "spatial": (bool, True), "hint_shape": (list, True), "base_config": (str, True),
                  "hint_hidden_channels": (int, False), "prompt": ((str, type(None)), False),
-                 "extractor_weights": ((str, type(None)), False)}
+                 "extractor_weights": ((str, type(None)), False), "sd_locked": (bool, False)}
 MAX_HINT_CHANNELS, MAX_HINT_SIDE, MAX_HIDDEN_CHANNELS = 16384, 1024, 4096
 
 
@@ -142,9 +147,10 @@ def new_decoder(record: DecoderRecord, base_ckpt: str | Path, base_config: str |
 def save_decoder(model: ControlLDM, record: DecoderRecord, path: str | Path,
                  dtype: torch.dtype = torch.float32,
                  weights: dict[str, torch.Tensor] | None = None) -> None:
-    """The ControlNet's weights (as `dtype`) and the record, as one safetensors file; `weights`:
-    other `control_model.*` tensors to write instead of the model's (a training's EMA)."""
-    weights = control_state_dict(model) if weights is None else weights
+    """The trained weights (as `dtype`; the ControlNet's, and unlocked the UNet's decoder
+    half) and the record, as one safetensors file; `weights`: other tensors of the same keys to
+    write instead of the model's (a training's EMA)."""
+    weights = trained_state_dict(model, record.sd_locked) if weights is None else weights
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.items()}
     atomic_write(Path(path), lambda tmp: write_safetensors(tmp, tensors, {METADATA_KEY: record.to_json()}))
 
@@ -162,21 +168,35 @@ def read_record(path: str | Path) -> DecoderRecord:
 
 def load_decoder(path: str | Path, base_ckpt: str | Path, base_config: str | None = None,
                  device="cpu") -> tuple[ControlLDM, DecoderRecord]:
-    """A trained decoder, ready to sample: its base model from `base_ckpt` and its ControlNet
-    from `path`, both loaded strictly. `base_config` overrides the record's (e.g. a moved file);
-    a diffusers folder as `base_ckpt` brings its own config."""
+    """A trained decoder, ready to sample: its base model from `base_ckpt` and what the training
+    trained from `path` (the ControlNet; unlocked, the UNet's decoder half over the base's), all
+    loaded strictly. `base_config` overrides the record's (e.g. a moved file); a diffusers
+    folder as `base_ckpt` brings its own config."""
     record = read_record(path)
-    control = load_state_dict(path)
-    foreign = sorted(k for k in control if not k.startswith(CONTROL_PREFIX))
+    trained = load_state_dict(path)
+    held = _trained_tensors(record.sd_locked)
+    foreign = sorted(k for k in trained if not k.startswith(trained_prefixes(record.sd_locked)))
     if foreign:
-        raise CheckpointError(f"{path}: a FeatInv decoder file holds the ControlNet's tensors "
-                              f"({CONTROL_PREFIX}*) only, but this one also holds {len(foreign)} "
-                              f"others ({', '.join(foreign[:3])}, ...); the base model's weights "
-                              "come from --ckpt alone: use the decoder file train_featinv.py wrote")
+        raise CheckpointError(f"{path}: a FeatInv decoder file holds {held} only, but this one "
+                              f"also holds {len(foreign)} others ({', '.join(foreign[:3])}, ...); "
+                              "the base model's weights come from --ckpt alone: use the decoder "
+                              "file train_featinv.py wrote")
     model = build_decoder_model(record, config_source(base_config, base_ckpt))
-    state = {**with_schedule(model, read_weights(base_ckpt)), **control}
+    missing = sorted(trained_state_dict(model, record.sd_locked).keys() - trained.keys())
+    if missing:
+        raise CheckpointError(f"{path}: its record says it holds {held}, but {len(missing)} of "
+                              f"them are missing ({', '.join(missing[:3])}, ...): the file is "
+                              "damaged or was not written by scripts/train_featinv.py")
+    state = {**with_schedule(model, read_weights(base_ckpt)), **trained}
     load_into(model, state, ignorable=SD_V1_IGNORABLE_KEYS, expected=f"the decoder {path}")
     return model.to(device), record
+
+
+def _trained_tensors(sd_locked: bool) -> str:
+    """What a decoder file of `sd_locked` holds, in words."""
+    keys = ", ".join(f"{prefix}*" for prefix in trained_prefixes(sd_locked))
+    return (f"the ControlNet's tensors ({keys})" if sd_locked else
+            f"the ControlNet's and the UNet decoder half's tensors ({keys})")
 
 
 def load_featinv_checkpoint(model: ControlLDM, path: str | Path) -> list[str]:

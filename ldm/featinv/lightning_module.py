@@ -7,11 +7,12 @@ and ε ~ N(0, I), the ControlNet θ minimises
 
 with c the fixed prompt. With probability 0.15 per image the hint is zeroed and the prompt
 emptied together, which also trains the unconditional branch of classifier-free guidance.
-Only the ControlNet's parameters train (AdamW).
+Only the ControlNet's parameters train (AdamW); with the record's `sd_locked` False (FeatInv's
+and ControlNet's `sd_locked`) the UNet's decoder half (`output_blocks`, `out`) trains too.
 
 Options beyond FeatInv: timesteps drawn with more weight on the noisy end (`timesteps="cubic"`,
 T2I-Adapter's t = (1 − u³) T, u ~ U[0, 1): the noisy steps are where the hint decides the
-image), and an exponential moving average of the ControlNet's weights (`ema_decay`), which is
+image), and an exponential moving average of the trained weights (`ema_decay`), which is
 what `decoder_state_dict` exports.
 
 Validation: the held-out images' features are decoded as a user would (DDIM from fixed seeds,
@@ -34,10 +35,10 @@ from torchvision.utils import make_grid, save_image
 
 from ldm.checkpoint import check_state_dict
 from ldm.extractors.base import FeatureExtractor
-from ldm.featinv.checkpoint_io import EMA, TRAINED
+from ldm.featinv.checkpoint_io import EMA, saved_prefixes
 from ldm.featinv.decoder import DecoderRecord, ResumeMismatchError
 from ldm.featinv.hints import feature_to_hint
-from ldm.models.diffusion.controlled_ddpm import CONTROL_PREFIX, ControlLDM
+from ldm.models.diffusion.controlled_ddpm import ControlLDM, trained_part
 from ldm.models.diffusion.ddim import sample_ddim
 from ldm.models.diffusion.trained_decoding import FeatInvDenoiser
 from ldm.objectives import cosine_similarity
@@ -56,7 +57,8 @@ def draw_timesteps(n: int, num_timesteps: int, schedule: str, device) -> torch.T
 
 
 class FeatInvTraining(pl.LightningModule):
-    """Trains `model.control_model` to decode `extractor`'s features (the decoder `record`)."""
+    """Trains `model.control_model` (and, unlocked, the UNet's decoder half) to decode
+    `extractor`'s features (the decoder `record`)."""
 
     def __init__(self, model: ControlLDM, extractor: FeatureExtractor, record: DecoderRecord,
                  lr: float, lr_schedule: str = "constant", hint_dropout: float = 0.15,
@@ -71,12 +73,11 @@ class FeatInvTraining(pl.LightningModule):
         self.model, self.extractor, self.record = model, extractor, record
         self.lr, self.lr_schedule, self.hint_dropout = lr, lr_schedule, hint_dropout
         self.timesteps, self.warmup_steps, self.seed = timesteps, warmup_steps, seed
-        model.control_model.requires_grad_(True)
+        self._trained().requires_grad_(True)
         self.ema = None if ema_decay is None else AveragedModel(
-            model.control_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            self._trained(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         if self.ema is not None:
             self.ema.requires_grad_(False)
-        self._ema_step = -1
         prompt, empty = (None, None) if record.prompt is None else (
             model.get_learned_conditioning([record.prompt]), model.get_learned_conditioning([""]))
         self.register_buffer("prompt_context", prompt, persistent=False)
@@ -92,7 +93,7 @@ class FeatInvTraining(pl.LightningModule):
     def configure_optimizers(self):
         """AdamW at a constant rate (FeatInv), or decaying to 0 by a half cosine over the run;
         either after a linear warm-up over `warmup_steps`."""
-        optimizer = torch.optim.AdamW(self.model.control_model.parameters(), lr=self.lr)
+        optimizer = torch.optim.AdamW(self._trained().parameters(), lr=self.lr)
         if self.lr_schedule == "constant" and not self.warmup_steps:
             return optimizer
         steps, warmup = self.trainer.estimated_stepping_batches, self.warmup_steps
@@ -107,15 +108,23 @@ class FeatInvTraining(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def decoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The ControlNet's weights to export (`control_model.*`): the EMA's, if kept."""
-        control = self.model.control_model if self.ema is None else self.ema.module
-        return {CONTROL_PREFIX + k: v for k, v in control.state_dict().items()}
+    def _trained(self) -> torch.nn.Module:
+        """The trained submodules as one module (a view, not registered: no second copy of
+        their keys in the state_dict); see controlled_ddpm.trained_part."""
+        return trained_part(self.model, self.record.sd_locked)[0]
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None and self.global_step > self._ema_step:   # after an optimizer step
-            self.ema.update_parameters(self.model.control_model)
-            self._ema_step = self.global_step
+    def decoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights to export, under their ControlLDM keys: the EMA's, if kept."""
+        part, prefix = trained_part(self.model, self.record.sd_locked)
+        weights = (part if self.ema is None else self.ema.module).state_dict()
+        return {prefix + k: v for k, v in weights.items()}
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer's step, then the EMA's: inside the step, so that the callbacks of its
+        batch (last.ckpt, the decoder export) see the EMA of the weights they save."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update_parameters(self._trained())
 
     @torch.no_grad()
     def _inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,17 +163,17 @@ class FeatInvTraining(pl.LightningModule):
 
     @contextmanager
     def exported_weights(self):
-        """The ControlNet holds the weights to export (the EMA's, if kept) inside the block."""
+        """The model holds the weights to export (the EMA's, if kept) inside the block."""
         if self.ema is None:
             yield
             return
-        control = self.model.control_model
-        current = {k: v.clone() for k, v in control.state_dict().items()}
-        control.load_state_dict(self.ema.module.state_dict())
+        trained = self._trained()
+        current = {k: v.clone() for k, v in trained.state_dict().items()}
+        trained.load_state_dict(self.ema.module.state_dict())
         try:
             yield
         finally:
-            control.load_state_dict(current)
+            trained.load_state_dict(current)
 
     def sample(self, hint: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """Images in [-1, 1] decoded from `hint` by DDIM (FeatInv's sampling), one seed each."""
@@ -201,14 +210,19 @@ class FeatInvTraining(pl.LightningModule):
 
     # --- Lightning's checkpoint: what training changes, and for which decoder ----------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Only the ControlNet goes into the .ckpt: the frozen base model and the extractor are
-        read from their own files again when resuming."""
+        """Only what trains (and its EMA) goes into the .ckpt: the frozen base model and the
+        extractor are read from their own files again when resuming."""
+        kept = saved_prefixes(self.record.sd_locked)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if k.startswith((TRAINED, EMA))}
+                                    if k.startswith(kept)}
         checkpoint["featinv_record"] = self.record.to_json()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = DecoderRecord.from_json(checkpoint["featinv_record"])   # checked by SafeCheckpointIO
+        if saved.sd_locked != self.record.sd_locked:
+            raise ResumeMismatchError(
+                f"the checkpoint was trained with --sd_locked {str(saved.sd_locked).lower()}: "
+                "resume with the same --sd_locked")
         if saved != self.record:
             raise ResumeMismatchError(
                 f"the checkpoint was trained for another decoder ({saved}), not for "
@@ -219,7 +233,8 @@ class FeatInvTraining(pl.LightningModule):
             raise ResumeMismatchError(
                 f"the checkpoint was trained {'with' if has_ema else 'without'} an EMA of the "
                 "weights: resume with the same --ema_decay")
-        frozen = {k: v for k, v in self.state_dict().items() if not k.startswith((TRAINED, EMA))}
+        kept = saved_prefixes(self.record.sd_locked)
+        frozen = {k: v for k, v in self.state_dict().items() if not k.startswith(kept)}
         checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}
         check_state_dict(self, checkpoint["state_dict"], ignorable=(),   # shapes, NaN or inf
                          expected=f"the decoder of {self.record.extractor_spec}")

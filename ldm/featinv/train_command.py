@@ -5,13 +5,15 @@ r"""Training a FeatInv decoder with PyTorch Lightning (the driver of scripts/tra
         --ckpt miniSD.ckpt --out runs/rn50
 
 Defaults are FeatInv's recipe (AdamW, lr 1e-5, batch 8, 3 epochs, hint dropout 0.15); bf16 on
-CUDA. The run's folder DIR receives Lightning's resumable `last.ckpt` (the ControlNet, its EMA
-and the optimizer only), its CSV logs `log/version_N/metrics.csv` (train/loss, val/cosine; one
+CUDA; only the ControlNet trains, or with `--sd_locked false` the UNet's decoder half too. The
+run's folder DIR receives Lightning's resumable `last.ckpt` (the trained weights, their EMA and
+the optimizer only), its CSV logs `log/version_N/metrics.csv` (train/loss, val/cosine; one
 version per start, as Lightning does), validation images `val/step_N.png`, the file list
 `files.txt` (rank 0 walks --data once), and, every --export_every steps and at the end,
-`decoder.safetensors` (the ControlNet's exported weights, `control_model.*`, with the decoder's
-record in the metadata), then `decoder.json` (the record, the options and a summary). Flags are
-checked before any model loads.
+`decoder.safetensors` (the exported trained weights, `control_model.*` and unlocked the UNet's
+`model.diffusion_model.output_blocks.*` and `.out.*`, with the decoder's record in the
+metadata), then `decoder.json` (the record, the options and a summary). Flags are checked
+before any model loads.
 """
 from __future__ import annotations
 
@@ -86,6 +88,7 @@ class TrainOptions:
     accumulate: int = 1
     grad_clip: float | None = None
     grad_checkpoint: bool = False
+    sd_locked: bool = True
     epochs: int = 3
     max_steps: int = -1
     toy_images: int = 20000
@@ -158,13 +161,16 @@ def parse_args(argv=None) -> TrainOptions:
                    help="training timesteps: uniform (FeatInv) or cubic (T2I-Adapter: more "
                         "weight on the noisy end)")
     p.add_argument("--ema_decay", type=float, default=d.ema_decay,
-                   help="keep an EMA of the ControlNet's weights with this decay (e.g. 0.999) "
+                   help="keep an EMA of the trained weights with this decay (e.g. 0.999) "
                         "and export it as the decoder (default: none, the last weights)")
     p.add_argument("--grad_clip", type=float, default=d.grad_clip,
                    help="clip the gradients' norm to this (default: no clipping)")
     p.add_argument("--grad_checkpoint", action="store_true",
                    help="gradient checkpointing of the UNet and ControlNet blocks (FeatInv's "
                         "use_checkpoint: less memory, about a third more compute)")
+    p.add_argument("--sd_locked", type=true_or_false, default=d.sd_locked, metavar="{true,false}",
+                   help="false: the UNet's decoder half (output_blocks, out) trains beside the "
+                        "ControlNet (FeatInv's and ControlNet's sd_locked; default true: frozen)")
     p.add_argument("--val_data", default=None,
                    help="a folder of held-out images (default: --val_images of --data, "
                         "spread over its classes, kept out of training)")
@@ -178,6 +184,12 @@ def parse_args(argv=None) -> TrainOptions:
     p.add_argument("--no_progress", dest="progress", action="store_false",
                    help="no progress bar")
     return TrainOptions(**vars(p.parse_args(argv)))
+
+
+def true_or_false(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"true or false, not {text!r}")
+    return text == "true"
 
 
 def check_options(opts: TrainOptions) -> None:
@@ -389,7 +401,8 @@ def _record(opts: TrainOptions, extractor, base_config) -> DecoderRecord:
         extractor=str(parsed).partition("@")[0], layer=parsed.layer, spatial=opts.spatial,
         hint_shape=hint_shape(extractor), base_config=project_relative(opts.base),
         hint_hidden_channels=opts.hint_hidden_channels,
-        prompt=FEATINV_PROMPT if conditioned else None, extractor_weights=opts.extractor_weights)
+        prompt=FEATINV_PROMPT if conditioned else None, extractor_weights=opts.extractor_weights,
+        sd_locked=opts.sd_locked)
 
 
 def run(opts: TrainOptions, train_set=None):

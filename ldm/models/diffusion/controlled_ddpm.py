@@ -26,6 +26,9 @@ CONTROLNET = "ldm.modules.diffusionmodules.controlnet.ControlNet"
 CONTROLLED_UNET = "ldm.modules.diffusionmodules.controlnet.ControlledUnetModel"
 # The parts of the UNet the ControlNet copies (Zhang et al.: its initialisation).
 COPIED_FROM_UNET = ("time_embed", "input_blocks", "middle_block")
+# The frozen UNet's decoder half, trained beside the ControlNet when `sd_locked` is False
+# (ControlNet's and FeatInv's `ControlLDM.configure_optimizers`).
+UNET_DECODER_HALF = ("model.diffusion_model.output_blocks", "model.diffusion_model.out")
 # Extras of a checkpoint trained with FeatInv's code (CompVis ControlNet's DDPM): SD v1's, plus
 # `logvar`, the loss weighting's log-variances, a buffer there that inference never reads.
 FEATINV_IGNORABLE_KEYS = (*SD_V1_IGNORABLE_KEYS, "logvar")
@@ -37,7 +40,7 @@ class ControlLDM(LatentDiffusion):
     `control_stage_config` builds the ControlNet; `control_key` (the training batch's hint key
     in `cldm`) is accepted for config compatibility; `only_mid_control` must be False (as
     FeatInv trains). Frozen and in eval mode like LatentDiffusion: training unfreezes
-    `control_model` itself. Dropout in the ControlNet is refused (it would never be active).
+    `trained_part` itself. Dropout in the ControlNet is refused (it would never be active).
     """
 
     def __init__(self, control_stage_config: dict, control_key: str = "hint",
@@ -59,7 +62,7 @@ class ControlLDM(LatentDiffusion):
     def apply_model(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
                     hint: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted noise ε for latents `z_t` at timesteps `t`, conditioned on the context
-        `cond` and the hint [B, C, h, w] (None: the frozen base model alone)."""
+        `cond` and the hint [B, C, h, w] (None: the UNet alone)."""
         context = cond if self.model.conditioning_key else None
         control = None if hint is None else self.control_model(z_t, hint, t, context)
         return self.model.diffusion_model(z_t, t, context=context, control=control)
@@ -92,9 +95,46 @@ def control_ldm_config(base: dict, hint_channels: int, hint_hidden_channels: int
     return config
 
 
+def trained_names(sd_locked: bool) -> tuple[str, ...]:
+    """The ControlLDM's submodules a training changes: the ControlNet, and with `sd_locked`
+    False the UNet's decoder half too."""
+    control = CONTROL_PREFIX.removesuffix(".")
+    return (control,) if sd_locked else (control, *UNET_DECODER_HALF)
+
+
+def trained_prefixes(sd_locked: bool) -> tuple[str, ...]:
+    """The ControlLDM keys of the trained tensors start with one of these."""
+    return tuple(f"{name}." for name in trained_names(sd_locked))
+
+
+def trained_part(model: ControlLDM, sd_locked: bool) -> tuple[nn.Module, str]:
+    """(a module holding the trained submodules, the prefix that makes its state_dict's keys the
+    ControlLDM's); it shares their parameters. Locked, it is the ControlNet itself, under
+    `control_model.`: the EMA of a training keeps the keys it had before `sd_locked` existed."""
+    if sd_locked:
+        return model.control_model, CONTROL_PREFIX
+    part = nn.Module()
+    for name in trained_names(sd_locked):
+        *parents, leaf = name.split(".")
+        holder = part
+        for parent in parents:
+            if not hasattr(holder, parent):
+                holder.add_module(parent, nn.Module())
+            holder = getattr(holder, parent)
+        holder.add_module(leaf, model.get_submodule(name))
+    return part, ""
+
+
+def trained_state_dict(model: ControlLDM, sd_locked: bool) -> dict[str, torch.Tensor]:
+    """The trained tensors under their ControlLDM keys (`control_model.*`, and unlocked
+    `model.diffusion_model.output_blocks.*` and `model.diffusion_model.out.*`)."""
+    part, prefix = trained_part(model, sd_locked)
+    return {prefix + k: v for k, v in part.state_dict().items()}
+
+
 def control_state_dict(model: ControlLDM) -> dict[str, torch.Tensor]:
     """The ControlNet's weights under their ControlLDM keys (`control_model.*`)."""
-    return {CONTROL_PREFIX + k: v for k, v in model.control_model.state_dict().items()}
+    return trained_state_dict(model, sd_locked=True)
 
 
 class ControlledDenoiser:
