@@ -98,9 +98,13 @@ RECIPE = ("--workers", "2", "--accumulate", "2", "--ema_decay", "0.5", "--export
 def trained(root):
     """Three training steps (two batches each) in a subprocess, two loader workers, an EMA;
     → (run folder, what the trained module showed)."""
-    out = root / "run"
+    return train_and_inspect(root, root / "run", "--max_steps", "3", *RECIPE)
+
+
+def train_and_inspect(root, out, *options):
+    """Train into `out` in a subprocess; → (out, what the trained module showed)."""
     done = subprocess.run([sys.executable, "-c", TRAIN_AND_INSPECT, str(root / "tiny.ckpt"),
-                           *flags(root, out, "--max_steps", "3", *RECIPE)],
+                           *flags(root, out, *options)],
                           cwd=REPO, env=ENV, timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads(done.stdout.strip().splitlines()[-1])
@@ -181,12 +185,7 @@ UNLOCKED = ("--sd_locked", "false", "--grad_checkpoint", "--ema_decay", "0.5", "
 def unlocked(root):
     """Two steps with the UNet's decoder half trained too (and gradient checkpointing, an EMA);
     → (run folder, what the trained module showed)."""
-    out = root / "unlocked"
-    done = subprocess.run([sys.executable, "-c", TRAIN_AND_INSPECT, str(root / "tiny.ckpt"),
-                           *flags(root, out, "--max_steps", "2", *UNLOCKED)],
-                          cwd=REPO, env=ENV, timeout=300, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, json.loads(done.stdout.strip().splitlines()[-1])
+    return train_and_inspect(root, root / "unlocked", "--max_steps", "2", *UNLOCKED)
 
 
 def test_unlocked_the_unets_decoder_half_trains_too(unlocked):
