@@ -44,8 +44,9 @@ def check_training_checkpoint(path, checkpoint) -> None:
             raise damaged(f"no {kind.__name__} {key!r}")
     sd_locked = DecoderRecord.from_json(checkpoint["featinv_record"]).sd_locked
     trained = "a ControlNet tensor" + ("" if sd_locked else " or one of the UNet's decoder half")
+    prefixes = saved_prefixes(sd_locked)
     for key, value in checkpoint["state_dict"].items():
-        if not (isinstance(key, str) and key.startswith(saved_prefixes(sd_locked))
+        if not (isinstance(key, str) and key.startswith(prefixes)
                 and isinstance(value, torch.Tensor)):
             raise damaged(f"its state_dict holds {str(key)[:100]!r}, not {trained}")
 

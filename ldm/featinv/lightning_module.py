@@ -71,6 +71,9 @@ class FeatInvTraining(pl.LightningModule):
         if timesteps not in TIMESTEP_SCHEDULES:
             raise ValueError(f"timesteps {timesteps!r}: one of {', '.join(TIMESTEP_SCHEDULES)}")
         self.model, self.extractor, self.record = model, extractor, record
+        # (the trained submodules as one module, its keys' prefix): built once, a plain tuple so
+        # that the view is not registered (no second copy of their keys in the state_dict)
+        self._trained_part = trained_part(model, record.sd_locked)
         self.lr, self.lr_schedule, self.hint_dropout = lr, lr_schedule, hint_dropout
         self.timesteps, self.warmup_steps, self.seed = timesteps, warmup_steps, seed
         self._trained().requires_grad_(True)
@@ -109,13 +112,12 @@ class FeatInvTraining(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _trained(self) -> torch.nn.Module:
-        """The trained submodules as one module (a view, not registered: no second copy of
-        their keys in the state_dict); see controlled_ddpm.trained_part."""
-        return trained_part(self.model, self.record.sd_locked)[0]
+        """The trained submodules as one module (see controlled_ddpm.trained_part)."""
+        return self._trained_part[0]
 
     def decoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights to export, under their ControlLDM keys: the EMA's, if kept."""
-        part, prefix = trained_part(self.model, self.record.sd_locked)
+        part, prefix = self._trained_part
         weights = (part if self.ema is None else self.ema.module).state_dict()
         return {prefix + k: v for k, v in weights.items()}
 
